@@ -1,0 +1,171 @@
+"""The Kaggle submission CSV from predicted road masks, and patch masks back from a CSV.
+
+    python mask_to_submission.py data/roadseg/submit_output/<run> -o submission.csv
+    python mask_to_submission.py --to-masks submission.csv -o masks/
+
+One line per 16x16 patch, `{image number:03d}_{x}_{y},{label}` with x the patch's column and y
+its row (top-left pixel), columns in the outer loop, images by number: the order of the
+course's own mask_to_submission.py.
+"""
+
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from data_cil import IMAGE_EXTENSIONS, InputError, image_number, read_array, write_atomically, \
+    write_png
+
+PATCH_SIZE = 16              # the grader scores 16x16 patches
+FOREGROUND_THRESHOLD = 0.25  # a patch is road when its mean mask value exceeds this
+HEADER = "id,prediction"
+
+
+def mask_fraction(array):
+    """A mask file's pixels scaled to 0..1 (grey; colour channels averaged, alpha dropped)."""
+    if array.ndim == 3:
+        array = array[..., :3 if array.shape[-1] >= 3 else 1].mean(axis=-1)
+    if array.dtype == bool:
+        return array.astype(np.float64)
+    if np.issubdtype(array.dtype, np.integer):
+        return array / np.iinfo(array.dtype).max
+    return array.astype(np.float64)
+
+
+def patch_labels(mask, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD):
+    """(rows, cols) of 0/1: 1 where the patch's mean (0..1) is strictly above `threshold`.
+    Patches at the right and bottom edges may be partial, as in the course's script."""
+    rows = range(0, mask.shape[0], patch_size)
+    cols = range(0, mask.shape[1], patch_size)
+    return np.array([[int(mask[y:y + patch_size, x:x + patch_size].mean() > threshold)
+                      for x in cols] for y in rows], np.uint8)
+
+
+def submission_lines(masks, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD):
+    """CSV lines, header first, for {image number: mask scaled to 0..1}."""
+    lines = [HEADER]
+    for number in sorted(masks):
+        labels = patch_labels(masks[number], patch_size, threshold)
+        for col in range(labels.shape[1]):
+            for row in range(labels.shape[0]):
+                lines.append(f"{number:03d}_{col * patch_size}_{row * patch_size},"
+                             f"{labels[row, col]}")
+    return lines
+
+
+def _mask_files(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found; pass the folder holding the masks")
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not files:
+        runs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        hint = f"; it holds run folders, pass one: {folder / runs[-1]}" if runs else ""
+        raise InputError(f"{folder}: no mask images{hint}")
+    numbered = {}
+    for path in files:
+        number = image_number(path)
+        if number in numbered:
+            raise InputError(f"{path}: image number {number} also in {numbered[number].name}; "
+                             "keep one mask per test image")
+        numbered[number] = path
+    return numbered
+
+
+def check_output_path(path, force):
+    """Refuse a missing folder, or an existing file unless `force`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: folder {path.parent} does not exist; create it or choose "
+                         "another output path")
+    if path.exists() and not force:
+        raise InputError(f"{path}: exists; pass --force to replace it, or choose another path")
+
+
+def write_submission(csv_path, masks, *, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD,
+                     force=False):
+    """Write the CSV for {image number: mask 0..1} atomically; returns the lines written."""
+    check_output_path(csv_path, force)
+    lines = submission_lines(masks, patch_size, threshold)
+    write_atomically(csv_path, lambda p: p.write_text("\n".join(lines) + "\n"))
+    return lines
+
+
+def masks_to_csv(mask_dir, csv_path, *, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD,
+                 force=False):
+    """The CSV for every numbered mask image in `mask_dir`; returns the lines written."""
+    masks = {number: mask_fraction(read_array(path))
+             for number, path in _mask_files(mask_dir).items()}
+    return write_submission(csv_path, masks, patch_size=patch_size, threshold=threshold,
+                            force=force)
+
+
+def read_submission(csv_path):
+    """{image number: {(x, y): label}} from a submission CSV."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: file not found")
+    lines = csv_path.read_text().split()
+    if not lines or lines[0] != HEADER:
+        raise InputError(f"{csv_path}: first line is not '{HEADER}'; is it a submission CSV?")
+    patches = {}
+    for line_number, line in enumerate(lines[1:], start=2):
+        try:
+            key, label = line.split(",")
+            number, x, y = (int(part) for part in key.split("_"))
+            patches.setdefault(number, {})[(x, y)] = int(label)
+        except ValueError:
+            raise InputError(f"{csv_path}:{line_number}: '{line}' is not 'NNN_x_y,label'") from None
+    return patches
+
+
+def csv_to_masks(csv_path, out_dir, *, patch_size=PATCH_SIZE, force=False):
+    """One 0/255 patch mask per image of the CSV, mask_NNN.png in `out_dir`; returns the paths."""
+    out_dir = Path(out_dir)
+    patches = read_submission(csv_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, labels in sorted(patches.items()):
+        path = out_dir / f"mask_{number:03d}.png"
+        if path.exists() and not force:
+            raise InputError(f"{path}: exists; pass --force to replace it, or choose another -o")
+        height = max(y for _, y in labels) + patch_size
+        width = max(x for x, _ in labels) + patch_size
+        mask = np.zeros((height, width), np.uint8)
+        for (x, y), label in labels.items():
+            mask[y:y + patch_size, x:x + patch_size] = 255 * label
+        paths.append(write_png(path, mask))
+    return paths
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="CSV to write, or with --to-masks the folder for the masks.")
+@click.option("--to-masks", is_flag=True, help="Render the CSV SOURCE back to patch masks.")
+@click.option("--patch-size", type=click.IntRange(min=1), default=PATCH_SIZE, show_default=True,
+              help="Side of the square patches the grader scores, in pixels.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=FOREGROUND_THRESHOLD,
+              show_default=True, help="A patch is foreground when its mean is above this.")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+def main(source, output, to_masks, patch_size, threshold, force):
+    """Write the submission CSV for the numbered masks in SOURCE, or masks from a CSV."""
+    try:
+        if to_masks:
+            paths = csv_to_masks(source, output, patch_size=patch_size, force=force)
+            click.echo(f"wrote {len(paths)} patch masks to {output}")
+        else:
+            lines = masks_to_csv(source, output, patch_size=patch_size, threshold=threshold,
+                                 force=force)
+            road = sum(line.endswith(",1") for line in lines[1:])
+            click.echo(f"wrote {output}: {len(lines) - 1} patches, "
+                       f"{road / max(1, len(lines) - 1):.1%} road")
+    except InputError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

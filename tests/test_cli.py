@@ -1,0 +1,176 @@
+"""The command line end to end on tiny synthetic sets: outputs written, metrics printed, bad
+input reported in one line with exit code 2."""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from main_cil import main
+from tests.helpers import make_pair, rgb, save
+
+TINY = ["--filters", "4", "--depth", "2", "--crop", "32", "--count", "1", "--batch-size", "4",
+        "--epochs", "2", "--valid-fraction", "0.25"]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--run-name", "t1")
+    assert result.exit_code == 0, result.output
+    run = Path("logs/t1")
+    for name in ("best.keras", "config.json", "history.csv", "split.json", "metrics.json",
+                 "checkpoint/state.json"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("train/events.out.tfevents*")) and list(run.glob("images/events*"))
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 6 and len(split["valid"]) == 2
+    assert not set(split["train"]) & set(split["valid"])
+    outputs = sorted(p.name for p in Path("data/valid/output/t1").iterdir())
+    assert len(outputs) == 6 and all(p.endswith(("_prob.png", "_mask.png", "_overlay.png"))
+                                     for p in outputs)
+    assert "patch F1 (Kaggle)" in result.output and "never used to choose a model" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and 0 <= metrics["valid"]["patch_f1"] <= 1
+    config = json.loads((run / "config.json").read_text())
+    assert config["filters"] == 4 and config["aug"]["rotation_range"] == 45
+    assert "versions" in config and config["run_name"] == "t1"
+
+
+def test_an_existing_run_is_refused_and_force_replaces_it(workdir, road_dir):
+    assert cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--run-name", "same").exit_code == 0
+    before = Path("logs/same/config.json").read_text()
+    result = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--run-name", "same")
+    assert result.exit_code == 2
+    assert "logs/same: a run of that name exists; pass --force" in result.output
+    assert Path("logs/same/config.json").read_text() == before
+    result = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--run-name", "same", "--force")
+    assert result.exit_code == 0
+
+
+def test_submit_writes_masks_and_csv_and_weights_reproduce_them(workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--submit", "--run-name", "sub")
+    assert result.exit_code == 0, result.output
+    folder = Path("data/roadseg/submit_output/sub")
+    assert sorted(p.name for p in folder.iterdir()) == ["submission.csv", "test_1.png",
+                                                        "test_2.png"]
+    lines = (folder / "submission.csv").read_text().splitlines()
+    assert lines[0] == "id,prediction" and len(lines) == 1 + 2 * 16       # 64x64: 4x4 patches
+    assert lines[1].startswith("001_0_0,") and lines[-1].startswith("002_48_48,")
+    assert "2 test images" in result.output and "32 patches" in result.output
+    assert Path("logs/sub/contact_sheet.png").is_file()
+    again = cli("--data-dir", road_dir, "--submit", "--weights", "logs/sub/best.keras",
+                "--run-name", "again")
+    assert again.exit_code == 0, again.output
+    assert "no training" in again.output
+    assert (Path("data/roadseg/submit_output/again/submission.csv").read_text().splitlines()
+            == lines)
+
+
+def test_weights_without_submit_evaluate_the_validation_split(workdir, road_dir):
+    assert cli("--data-dir", road_dir, *TINY, "--run-name", "w").exit_code == 0
+    result = cli("--data-dir", road_dir, "--weights", "logs/w/best.keras", "--tta", "8",
+                 "--run-name", "w8")
+    assert result.exit_code == 0, result.output
+    assert "TTA 8" in result.output and "patch F1" in result.output
+    assert json.loads(Path("logs/w8/metrics.json").read_text())["tta"] == 8
+
+
+def test_three_classes_train_end_to_end_with_a_per_class_table(workdir, tmp_path):
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:, 8 + index:16 + index] = 1                  # class 1: a band
+        mask[20:28, 20:28] = 2                             # class 2: a square
+        image = (np.array([[90, 90, 90], [200, 200, 200], [30, 160, 30]], np.uint8)[mask]
+                 + rng.integers(0, 20, (32, 32, 3)).astype(np.uint8))
+        make_pair(tmp_path / "three", f"p{index}.png", image, mask)
+    result = cli("--data-dir", tmp_path / "three", *TINY, "--classes", "3", "--crop", "0",
+                 "--valid-fraction", "0.34", "--run-name", "c3")
+    assert result.exit_code == 0, result.output
+    assert "class" in result.output and "macro" in result.output and "micro" in result.output
+    valid = json.loads(Path("logs/c3/metrics.json").read_text())["valid"]
+    assert {"iou_0", "iou_1", "iou_2", "mean_iou"} <= set(valid)
+    assert json.loads(Path("logs/c3/metrics.json").read_text())["monitor"] == "val_mean_iou"
+
+
+def test_amp_on_the_cpu_says_so_and_trains_in_float32(workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--amp", "--run-name", "amp")
+    assert result.exit_code == 0, result.output
+    assert "--amp ignored on the CPU" in result.output
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert all(w.dtype == "float32" for w in keras.models.load_model("logs/amp/best.keras").weights)
+
+
+def test_the_demo_generates_data_and_learns(workdir):
+    result = cli("--demo")
+    assert result.exit_code == 0, result.output
+    assert Path("data/demo/training/images").is_dir() and Path("data/demo/test_images").is_dir()
+    run = next(Path("logs").iterdir())
+    valid = json.loads((run / "metrics.json").read_text())["valid"]
+    assert valid["f1"] > 0.8 and valid["patch_f1"] > 0.8
+
+
+def one_channel_model(path):
+    inputs = keras.Input((None, None, 1))
+    keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)).save(path)
+    return path
+
+
+BAD_INPUTS = [
+    (["--data-dir", "nowhere"], "nowhere/training/images: folder not found; pass --data-dir"),
+    (["--crop", "30"], "--crop must be a multiple of 4 (the model halves the image 2 times), "
+                       "got 30"),
+    (["--crop", "128"], "--crop 128 is larger than images of 64x64; pass --crop 64 or smaller"),
+    (["--loss", "dcie"], "'dcie' is not a loss; choose from bce"),
+    (["--aug", "rotaton=3"], "--aug rotaton=3: expected key=value with key one of"),
+    (["--monitor", "val_dice"], "--monitor val_dice: choose one of val_precision"),
+    (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
+    (["--class-weights", "1,2,3"], "--class-weights needs 2 numbers"),
+    (["--valid-fraction", "1.5"], "Invalid value for '--valid-fraction'"),
+    (["--submit", "--weights", "nothing.keras"], "nothing.keras: weights file not found"),
+    (["--submit", "--weights", "junk.keras"], "junk.keras: not a model saved by this tool"),
+    (["--submit", "--weights", "grey.keras"], "the model expects 1-channel images"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_code_2(workdir, road_dir, args, message):
+    Path("junk.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    one_channel_model("grey.keras")
+    result = cli(*TINY, "--data-dir", road_dir, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not Path("logs").exists() or not any(Path("logs").iterdir())
+
+
+def test_bad_files_in_the_data_are_named(workdir, tmp_path):
+    make_pair(tmp_path / "d", "a.png", rgb(32), np.zeros((32, 32), np.uint8))
+    make_pair(tmp_path / "d", "b.png", rgb(32), np.zeros((32, 32), np.uint8))
+    (tmp_path / "d/training/images/b.png").write_bytes(b"")
+    result = cli("--data-dir", tmp_path / "d", *TINY)
+    assert result.exit_code == 2
+    assert "b.png: file is empty (0 bytes); replace it or remove it" in result.output
+    save(tmp_path / "d/training/images/b.png", rgb(32))
+    save(tmp_path / "d/training/images/c.png", rgb(32))
+    result = cli("--data-dir", tmp_path / "d", *TINY)
+    assert result.exit_code == 2 and "c.png has no mask of the same name" in result.output
+
+
+def test_submit_without_test_images_fails_before_training(workdir, tmp_path):
+    for name in ("a.png", "b.png"):
+        make_pair(tmp_path / "d", name, rgb(32), np.zeros((32, 32), np.uint8))
+    result = cli("--data-dir", tmp_path / "d", *TINY, "--submit")
+    assert result.exit_code == 2 and "no test images" in result.output
+    assert "Epoch" not in result.output
+
+
+def test_debug_shows_the_traceback(workdir):
+    result = cli("--data-dir", "nowhere", "--debug")
+    assert result.exit_code != 0 and result.exc_info[0].__name__ == "InputError"

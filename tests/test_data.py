@@ -1,0 +1,127 @@
+"""Finding, reading, checking and splitting image/mask pairs."""
+
+import numpy as np
+import pytest
+
+from data_cil import (InputError, Pair, binary_mask, class_mask, find_pairs, find_test_images,
+                      load_pairs, parse_palette, read_image, split_pairs)
+from tests.helpers import make_pair, rgb, road_mask, save
+
+
+def test_pairs_are_matched_by_name_whatever_the_extension(tmp_path):
+    make_pair(tmp_path, "b.png", rgb(), road_mask())
+    save(tmp_path / "training/images/a.jpg", rgb())
+    save(tmp_path / "training/groundtruth/a.png", road_mask())
+    (tmp_path / "training/images/notes.txt").write_text("not an image")
+    pairs = find_pairs(tmp_path)
+    assert [(p.image.name, p.mask.name) for p in pairs] == [("a.jpg", "a.png"), ("b.png", "b.png")]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda root: None, "training/images: folder not found; pass --data-dir"),
+    (lambda root: (root / "training/images").mkdir(parents=True), "no images"),
+    (lambda root: (save(root / "training/images/x.png", rgb()),
+                   save(root / "training/groundtruth/y.png", road_mask())),
+     "x.png has no mask of the same name"),
+])
+def test_missing_folders_and_unmatched_files_are_named(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(InputError, match=message):
+        find_pairs(tmp_path)
+
+
+def test_a_mask_without_image_is_named(tmp_path):
+    make_pair(tmp_path, "a.png", rgb(), road_mask())
+    save(tmp_path / "training/groundtruth/orphan.png", road_mask())
+    with pytest.raises(InputError, match="orphan.png has no image of the same name"):
+        find_pairs(tmp_path)
+
+
+def test_real_mask_values_binarise_at_128():
+    mask = np.array([[0, 118, 127], [128, 237, 255]], np.uint8)
+    assert binary_mask(mask, "m.png").tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_a_mask_of_class_numbers_is_refused_as_binary():
+    with pytest.raises(InputError, match="values are 0..1, all below the threshold 128.*--classes 2"):
+        binary_mask(np.array([[0, 1], [1, 0]], np.uint8), "m.png")
+
+
+def test_grey_and_rgba_images_become_rgb_with_a_note(tmp_path):
+    grey = save(tmp_path / "grey.png", rgb()[..., 0])
+    rgba = save(tmp_path / "rgba.png", np.dstack([rgb(), np.full((32, 32), 255, np.uint8)]))
+    notes = {}
+    assert read_image(grey, notes).shape == (32, 32, 3)
+    assert read_image(rgba, notes).shape == (32, 32, 3)
+    assert notes == {"grey images converted to RGB": ["grey.png"],
+                     "RGBA images converted to RGB": ["rgba.png"]}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "file is empty \\(0 bytes\\)"),
+    (b"not a png at all", "cannot read the image"),
+])
+def test_unreadable_files_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.png"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"bad.png: {message}"):
+        read_image(path)
+
+
+def test_a_truncated_png_is_named(tmp_path):
+    path = save(tmp_path / "cut.png", rgb(64))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(InputError, match="cut.png: cannot read the image"):
+        read_image(path)
+
+
+def test_a_mask_of_another_size_is_named(tmp_path):
+    make_pair(tmp_path, "a.png", rgb(32), road_mask(16))
+    with pytest.raises(InputError, match="a.png: mask is 16x16 but its image is 32x32"):
+        load_pairs(find_pairs(tmp_path))
+
+
+def test_index_masks_check_their_classes():
+    mask = np.array([[0, 1], [2, 7]], np.uint8)
+    with pytest.raises(InputError, match="mask value 7 is no class of --classes 3"):
+        class_mask(mask, "m.png", 3)
+    assert class_mask(mask, "m.png", 8).tolist() == [[0, 1], [2, 7]]
+
+
+def test_colour_masks_map_through_the_palette(tmp_path):
+    palette_file = tmp_path / "palette.json"
+    palette_file.write_text('{"#000000": 0, "255,0,0": 1, "#00ff00": 2}')
+    palette = parse_palette(palette_file)
+    mask = np.zeros((2, 2, 3), np.uint8)
+    mask[0, 1] = (255, 0, 0)
+    mask[1, 1] = (0, 255, 0)
+    assert class_mask(mask, "m.png", 3, palette).tolist() == [[0, 1], [0, 2]]
+    mask[1, 0] = (1, 2, 3)
+    with pytest.raises(InputError, match="colour #010203 is in no class of the palette"):
+        class_mask(mask, "m.png", 3, palette)
+
+
+def test_split_is_deterministic_disjoint_and_ninety_ten():
+    pairs = [Pair(f"i{n}.png", f"m{n}.png") for n in range(80)]
+    train, valid = split_pairs(pairs, 0.1, seed=3)
+    assert (train, valid) == split_pairs(pairs, 0.1, seed=3)
+    assert len(train) == 72 and len(valid) == 8
+    assert not set(train) & set(valid)
+    assert set(train) | set(valid) == set(pairs)
+    assert split_pairs(pairs, 0.1, seed=4)[1] != valid
+
+
+def test_a_split_needs_two_images():
+    with pytest.raises(InputError, match="needs at least 2"):
+        split_pairs([Pair("a", "b")], 0.1, seed=0)
+
+
+def test_test_images_are_found_in_both_layouts(tmp_path):
+    save(tmp_path / "epfl/test_set_images/test_10/test_10.png", rgb())
+    save(tmp_path / "epfl/test_set_images/test_2/test_2.png", rgb())
+    save(tmp_path / "cil/test_images/test_7.png", rgb())
+    assert [(n, p.name) for n, p in find_test_images(tmp_path / "epfl").items()] == [
+        (2, "test_2.png"), (10, "test_10.png")]
+    assert list(find_test_images(tmp_path / "cil")) == [7]
+    with pytest.raises(InputError, match="no test images"):
+        find_test_images(tmp_path)

@@ -1,0 +1,86 @@
+"""The Kaggle CSV: exact lines, order, round trip, and refusing to overwrite."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import mask_to_submission as m2s
+from data_cil import InputError
+from tests.helpers import save
+
+
+def mask_with_patch(x, y, size=608):
+    mask = np.zeros((size, size), np.uint8)
+    mask[y:y + 16, x:x + 16] = 255
+    return mask
+
+
+def test_one_road_patch_gives_exactly_its_line(tmp_path):
+    save(tmp_path / "masks/test_7.png", mask_with_patch(16, 32, size=64))
+    lines = m2s.masks_to_csv(tmp_path / "masks", tmp_path / "s.csv")
+    assert lines[0] == "id,prediction"
+    assert "007_16_32,1" in lines
+    assert sum(line.endswith(",1") for line in lines) == 1
+    assert (tmp_path / "s.csv").read_text().splitlines() == lines
+
+
+def test_columns_are_the_outer_loop_rows_the_inner():
+    lines = m2s.submission_lines({3: np.zeros((32, 48))})
+    assert lines[1:] == ["003_0_0,0", "003_0_16,0", "003_16_0,0", "003_16_16,0", "003_32_0,0",
+                         "003_32_16,0"]
+
+
+def test_a_patch_at_exactly_a_quarter_is_background():
+    mask = np.zeros((16, 32))
+    mask[:4, :16] = 1.0            # mean 0.25: not above the threshold
+    mask[:5, 16:] = 1.0            # mean 0.3125
+    assert m2s.submission_lines({1: mask})[1:] == ["001_0_0,0", "001_16_0,1"]
+
+
+def test_a_608_image_gives_1444_lines_and_images_come_by_number(tmp_path):
+    for number in (10, 2, 1):
+        save(tmp_path / f"masks/test_{number}.png", mask_with_patch(0, 0))
+    lines = m2s.masks_to_csv(tmp_path / "masks", tmp_path / "s.csv")
+    assert len(lines) == 1 + 3 * 1444
+    assert [lines[1 + k * 1444][:3] for k in range(3)] == ["001", "002", "010"]
+
+
+def test_mask_to_csv_to_mask_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = {n: rng.integers(0, 2, (5, 4)) for n in (4, 9)}
+    for number, patch in labels.items():
+        save(tmp_path / f"masks/test_{number}.png",
+             np.kron(patch, np.ones((16, 16))).astype(np.uint8) * 255)
+    m2s.masks_to_csv(tmp_path / "masks", tmp_path / "s.csv")
+    paths = m2s.csv_to_masks(tmp_path / "s.csv", tmp_path / "back")
+    assert [p.name for p in paths] == ["mask_004.png", "mask_009.png"]
+    for number, path in zip(labels, paths):
+        back = m2s.mask_fraction(m2s.read_array(path))
+        assert np.array_equal(m2s.patch_labels(back), labels[number])
+
+
+def test_an_existing_csv_is_kept_without_force(tmp_path):
+    save(tmp_path / "masks/test_1.png", mask_with_patch(0, 0, size=32))
+    csv = tmp_path / "s.csv"
+    csv.write_text("earlier work")
+    with pytest.raises(InputError, match="s.csv: exists; pass --force"):
+        m2s.masks_to_csv(tmp_path / "masks", csv)
+    assert csv.read_text() == "earlier work"
+    m2s.masks_to_csv(tmp_path / "masks", csv, force=True)
+    assert csv.read_text().startswith("id,prediction\n001_0_0,1")
+
+
+def test_the_cli_reports_and_fails_cleanly(tmp_path):
+    save(tmp_path / "out/run1/test_1.png", mask_with_patch(0, 0, size=32))
+    runner = CliRunner()
+    result = runner.invoke(m2s.main, [str(tmp_path / "out"), "-o", str(tmp_path / "s.csv")])
+    assert result.exit_code == 2
+    assert "no mask images; it holds run folders, pass one" in result.output
+    result = runner.invoke(m2s.main, [str(tmp_path / "out/run1"), "-o", str(tmp_path / "no/s.csv")])
+    assert result.exit_code == 2 and "folder" in result.output and "does not exist" in result.output
+    result = runner.invoke(m2s.main, [str(tmp_path / "out/run1"), "-o", str(tmp_path / "s.csv")])
+    assert result.exit_code == 0
+    assert "4 patches, 25.0% road" in result.output
+    result = runner.invoke(m2s.main, ["--to-masks", str(tmp_path / "s.csv"), "-o",
+                                      str(tmp_path / "back")])
+    assert result.exit_code == 0 and (tmp_path / "back/mask_001.png").is_file()

@@ -1,0 +1,200 @@
+"""Recipes and schedules, several replicas, and runs that survive kills and signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+import train_cil
+from data_cil import NO_AUG, resolve_aug, training_dataset
+from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
+from main_cil import main, settings_from
+from model_cil import build_unet
+from tests.test_cli import TINY, cli
+from train_cil import RunCheckpoint, learning_rate, make_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolved(*args):
+    return settings_from(main.make_context("main_cil", [str(a) for a in args]))
+
+
+def test_the_nvidia_recipe_resolves_to_its_documented_values():
+    settings = resolved("--recipe", "nvidia-tinyunet")
+    assert (settings["model"], settings["batch_size"], settings["loss"]) == ("tiny-unet", 16,
+                                                                           "adaptive")
+    assert (settings["init"], settings["weight_decay"], settings["batchnorm"]) == ("he_uniform",
+                                                                                 1e-5, False)
+    assert settings["aug"] == resolve_aug(dict(horizontal_flip=True, quarter_turns=True), [])
+    rate = learning_rate(settings["lr_schedule"], settings["lr"], decay=settings["lr_decay"],
+                         decay_steps=settings["lr_decay_steps"])
+    assert [float(rate(step)) for step in (0, 499, 500, 1000)] == pytest.approx(
+        [1e-4, 1e-4, 0.8e-4, 0.64e-4])
+    optimizer = make_optimizer(settings["optimizer"], rate, rho=settings["rho"],
+                               momentum=settings["momentum"], centered=settings["centered"])
+    config = optimizer.get_config()
+    assert isinstance(optimizer, keras.optimizers.RMSprop)
+    assert (config["rho"], config["momentum"], config["centered"]) == (0.9, 0.8, True)
+
+
+def test_explicit_flags_override_a_recipe():
+    settings = resolved("--recipe", "nvidia-tinyunet", "--lr", "0.001", "--loss", "bce",
+                        "--aug", "rotation_range=10")
+    assert (settings["lr"], settings["loss"], settings["optimizer"]) == (0.001, "bce", "rmsprop")
+    assert settings["aug"]["rotation_range"] == 10 and settings["aug"]["quarter_turns"]
+
+
+def test_the_classic_recipe_is_the_original_keras_unet():
+    settings = resolved("--recipe", "classic")
+    assert (settings["filters"], settings["lr"], settings["loss"], settings["batchnorm"]) == (
+        64, 1e-4, "bce", False)
+
+
+def test_the_global_batch_of_the_recipe_is_split_over_gpus():
+    assert resolved("--recipe", "nvidia-tinyunet", "--gpus", "2")["batch_size"] == 8
+
+
+def two_cpus():
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def test_two_replicas_both_get_data_and_stay_equal():
+    strategy = two_cpus()
+    images = [np.random.default_rng(s).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+              for s in range(4)]
+    masks = [(image[..., 0] > 127).astype(np.uint8) for image in images]
+    stream = training_dataset(images, masks, batch_size=4, aug=NO_AUG, seed=0)
+    first = next(iter(strategy.experimental_distribute_dataset(stream)))
+    assert [x.shape[0] for x in strategy.experimental_local_results(first[0])] == [2, 2]
+    with strategy.scope():
+        model = build_unet(filters=4, depth=2)
+        model.compile(keras.optimizers.Adam(1e-2), SegmentationLoss(),
+                      metrics=training_metrics(1))
+    start = [w.numpy().copy() for w in model.trainable_weights]
+    model.fit(stream, steps_per_epoch=3, epochs=1, verbose=0)
+    for weight, before in zip(model.trainable_weights, start):
+        replicas = [v.numpy() for v in weight.value.values]
+        assert np.array_equal(replicas[0], replicas[1])
+        assert not np.array_equal(replicas[0], before)
+
+
+def test_metrics_sum_their_counts_over_replicas():
+    strategy = two_cpus()
+    rng = np.random.default_rng(0)
+    truth = (rng.random((4, 16, 16, 1)) < 0.4).astype(np.float32)
+    prob = rng.random((4, 16, 16, 1)).astype(np.float32)
+    with strategy.scope():
+        shared = SegmentationMetric("f1")
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((truth, prob)).batch(4))
+    for batch in data:
+        strategy.run(shared.update_state, args=batch)
+    alone = SegmentationMetric("f1")
+    alone.update_state(truth, prob)
+    assert float(shared.result()) == pytest.approx(float(alone.result()), abs=1e-7)
+
+
+def final_weights(run):
+    state = json.loads((run / "checkpoint/state.json").read_text())
+    return keras.models.load_model(run / "checkpoint" / state["file"]).get_weights()
+
+
+RESUMABLE = [*TINY, "--epochs", "3", "--patience", "0", "--count", "3"]   # 5 steps per epoch
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(workdir, road_dir, monkeypatch):
+    assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "whole").exit_code == 0
+    keep_epoch_end = RunCheckpoint.on_epoch_end
+
+    def killed_after_epoch_two(self, epoch, logs=None):
+        keep_epoch_end(self, epoch, logs)
+        if epoch == 1:
+            raise SystemExit(137)              # like SIGKILL: no cleanup, no last words
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunCheckpoint, "on_epoch_end", killed_after_epoch_two)
+        assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "killed").exit_code == 137
+    result = cli("--resume", "logs/killed")
+    assert result.exit_code == 0, result.output
+    assert "Epoch 3/3" in result.output and "Epoch 2/3" not in result.output
+    for a, b in zip(final_weights(Path("logs/whole")), final_weights(Path("logs/killed"))):
+        assert np.allclose(a, b, atol=1e-5)
+    history = Path("logs/killed/history.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir,
+                                                                   monkeypatch):
+    assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "whole").exit_code == 0
+    keep_batch_end = RunCheckpoint.on_train_batch_end
+
+    def terminated_in_epoch_two(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 7:     # epoch 2, step 2 of 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        keep_batch_end(self, batch, logs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunCheckpoint, "on_train_batch_end", terminated_in_epoch_two)
+        result = cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "stopped")
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM during epoch 2" in result.output
+    assert "Continue with: python main_cil.py --resume logs/stopped" in result.output
+    state = json.loads(Path("logs/stopped/checkpoint/state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 2)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL    # handlers given back
+    result = cli("--resume", "logs/stopped")
+    assert result.exit_code == 0, result.output
+    for a, b in zip(final_weights(Path("logs/whole")), final_weights(Path("logs/stopped"))):
+        assert np.allclose(a, b, atol=1e-5)
+
+
+def test_a_real_sigterm_to_the_process_exits_with_a_resumable_checkpoint(tmp_path, road_dir):
+    command = [sys.executable, str(REPO / "main_cil.py"), "--data-dir", str(road_dir), *TINY,
+               "--epochs", "100", "--patience", "0", "--run-name", "job"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    state = tmp_path / "logs/job/checkpoint/state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "checkpoint saved. Continue with: python main_cil.py --resume logs/job" in output
+    assert "Traceback" not in output
+    saved = json.loads(state.read_text())
+    assert (tmp_path / "logs/job/checkpoint" / saved["file"]).is_file()
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, road_dir, monkeypatch):
+    keep_batch_end = RunCheckpoint.on_train_batch_end
+
+    def nan_in_epoch_two(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) > 5:
+            logs = dict(logs, loss=float("nan"))
+        keep_batch_end(self, batch, logs)
+
+    monkeypatch.setattr(RunCheckpoint, "on_train_batch_end", nan_in_epoch_two)
+    result = cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "nan")
+    assert result.exit_code == 3
+    assert "the loss became nan in epoch 2" in result.output and "lower --lr" in result.output
+    state = json.loads(Path("logs/nan/checkpoint/state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 0)
+
+
+def test_resume_refuses_a_folder_without_checkpoint(workdir, tmp_path):
+    (tmp_path / "logs/empty").mkdir(parents=True)
+    (tmp_path / "logs/empty/config.json").write_text(json.dumps(
+        {**resolved(), "data_dir": "x", "palette": None, "run_name": "empty"}, default=str))
+    result = CliRunner().invoke(main, ["--resume", "logs/empty"])
+    assert result.exit_code == 2 and "no checkpoint to resume from" in result.output
