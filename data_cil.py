@@ -114,11 +114,13 @@ def find_pairs(data_dir):
     images = _by_stem(_image_files(data_dir / IMAGES_SUBDIR))
     masks = _by_stem(_image_files(data_dir / MASKS_SUBDIR))
     if missing := images.keys() - masks.keys():
-        raise InputError(f"{data_dir / IMAGES_SUBDIR}: {_listed([images[s].name for s in missing])} "
+        names = _listed([images[stem].name for stem in missing])
+        raise InputError(f"{data_dir / IMAGES_SUBDIR}: {names} "
                          f"{'has' if len(missing) == 1 else 'have'} no mask of the same name in "
                          f"{data_dir / MASKS_SUBDIR}; add the masks or remove the images")
     if orphans := masks.keys() - images.keys():
-        raise InputError(f"{data_dir / MASKS_SUBDIR}: {_listed([masks[s].name for s in orphans])} "
+        names = _listed([masks[stem].name for stem in orphans])
+        raise InputError(f"{data_dir / MASKS_SUBDIR}: {names} "
                          f"{'has' if len(orphans) == 1 else 'have'} no image of the same name in "
                          f"{data_dir / IMAGES_SUBDIR}; add the images or remove the masks")
     return [Pair(images[stem], masks[stem]) for stem in sorted(images)]
@@ -401,8 +403,10 @@ def perturbation_transform(seed, aug, in_size, out_size):
     top = tf.cast(tf.random.stateless_uniform([], seeds[3], maxval=in_h - out_h + 1,
                                               dtype=tf.int32), tf.float32)
     shift_seeds = tf.unstack(tf.random.experimental.stateless_split(seeds[4], 2))
-    centre_x = left + (out_w - 1) / 2 + _shift_pixels(shift_seeds[0], aug["width_shift_range"], in_w)
-    centre_y = top + (out_h - 1) / 2 + _shift_pixels(shift_seeds[1], aug["height_shift_range"], in_h)
+    shift_x = _shift_pixels(shift_seeds[0], aug["width_shift_range"], in_w)
+    shift_y = _shift_pixels(shift_seeds[1], aug["height_shift_range"], in_h)
+    centre_x = left + (out_w - 1) / 2 + shift_x
+    centre_y = top + (out_h - 1) / 2 + shift_y
     out_cx, out_cy = (out_w - 1) / 2, (out_h - 1) / 2
     a, b, c, d = tf.unstack(tf.reshape(linear, [4]))
     return tf.stack([a, b, centre_x - a * out_cx - b * out_cy,
@@ -424,7 +428,8 @@ def perturb_pair(image, mask, seed, aug, out_size):
     image = _resample(tf.cast(image, tf.float32), transform, out_size, "BILINEAR", aug["fill_mode"])
     mask = _resample(mask, transform, out_size, "NEAREST", aug["fill_mode"])
     if aug["brightness_range"] != (1.0, 1.0):
-        image = tf.clip_by_value(image * _uniform(brightness_seed, *aug["brightness_range"]), 0, 255)
+        factor = _uniform(brightness_seed, *aug["brightness_range"])
+        image = tf.clip_by_value(image * factor, 0, 255)
     return image, mask
 
 

@@ -18,26 +18,25 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+# data_cil first: it quiets TensorFlow's C++ start-up logging before TensorFlow loads.
 from data_cil import (InputError, find_pairs, find_test_images, load_pairs, parse_palette,
                       read_image, resolve_aug, split_pairs, train_sample_size, training_dataset,
-                      validation_arrays,
-                      write_json, write_png, write_synthetic_dataset)
+                      validation_arrays, write_json, write_png, write_synthetic_dataset)
 import keras
 import numpy as np
 import tensorflow as tf
 
-from losses_cil import (LOSS_TERMS, SegmentationLoss, auto_class_weights, default_monitor,
-                        parse_loss, training_metrics)
+from losses_cil import (LOSS_TERMS, PIXEL_THRESHOLD, SegmentationLoss, auto_class_weights,
+                        default_monitor, parse_loss, training_metrics)
 from mask_to_submission import check_output_path, write_submission
 from model_cil import (ACTIVATIONS, DEFAULT_ACTIVATION, DEFAULT_DEPTH, DEFAULT_DROPOUT,
                        DEFAULT_FILTERS, DEFAULT_INIT, INITIALIZERS, MODEL_NAMES, build_model,
                        required_multiple)
-from predict_cil import (PIXEL_THRESHOLD, TTA_CHOICES, contact_sheet, evaluate, labels_from,
-                         mask_png, predict_probabilities, tune_threshold,
-                         write_validation_outputs)
-from train_cil import (LR_SCHEDULES, OPTIMIZERS, PANEL_IMAGES, ImagePanel, RunCheckpoint, TrainingDiverged,
-                       TrainingInterrupted, fit, learning_rate,
-                       make_optimizer, read_state, run_callbacks, stop_on_signals)
+from predict_cil import (TTA_CHOICES, contact_sheet, evaluate, labels_from, mask_png,
+                         predict_probabilities, tune_threshold, write_validation_outputs)
+from train_cil import (LR_SCHEDULES, OPTIMIZERS, PANEL_IMAGES, ImagePanel, RunCheckpoint,
+                       TrainingDiverged, TrainingInterrupted, fit, learning_rate, make_optimizer,
+                       read_state, run_callbacks, stop_on_signals)
 
 # Training perturbations in ImageDataGenerator's vocabulary (data_cil.AUG_DEFAULTS says what each
 # key means). Aerial images have no up or down, hence flips and quarter turns.
@@ -212,9 +211,9 @@ def check_settings(settings):
 
 
 def default_run_name(settings):
-    model = settings["model"] + ("" if settings["model"] == "tiny-unet" else str(settings["filters"]))
+    width = "" if settings["model"] == "tiny-unet" else str(settings["filters"])
     mode = "-submit" if settings["submit"] else ""
-    return f"{datetime.now():%Y%m%d-%H%M%S}-{model}{mode}"
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{settings['model']}{width}{mode}"
 
 
 def is_run(folder):
@@ -283,8 +282,8 @@ def distribution(gpus, amp):
     if amp and found:
         keras.mixed_precision.set_global_policy("mixed_float16")
     elif amp:
-        echo("note: --amp ignored on the CPU (bfloat16 trains about 10x slower here, "
-             "README 'Mixed precision'); training in float32")
+        echo("note: --amp ignored on the CPU: float16 has no fast path there (README 'Mixed "
+             "precision'); training in float32")
     if gpus and gpus > 1:
         devices = [f"/gpu:{i}" for i in range(gpus)]
         return tf.distribute.MirroredStrategy(devices), f"MirroredStrategy over {devices}", gpus
@@ -601,9 +600,11 @@ def settings_from(ctx):
               help="Folder with training/images and training/groundtruth (and the test images).")
 @click.option("--demo", is_flag=True,
               help=f"Generate synthetic roads into {DEMO_DIR} and train a tiny model on them.")
-@click.option("--limit", type=click.IntRange(min=2), help="Use only the first N pairs (smoke runs).")
+@click.option("--limit", type=click.IntRange(min=2),
+              help="Use only the first N pairs (smoke runs).")
 @click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              default=VALID_FRACTION, show_default=True, help="Share of pairs held out to validate.")
+              default=VALID_FRACTION, show_default=True,
+              help="Share of pairs held out to validate.")
 @click.option("--seed", type=int, default=SEED, show_default=True,
               help="Seeds the split, the weights and every random perturbation.")
 @click.option("--classes", type=click.IntRange(min=1), default=1, show_default=True,

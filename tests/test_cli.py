@@ -81,6 +81,18 @@ def test_weights_without_submit_evaluate_the_validation_split(workdir, road_dir)
     assert json.loads(Path("logs/w8/metrics.json").read_text())["tta"] == 8
 
 
+def test_submit_from_run_takes_its_settings_best_epoch_and_threshold(workdir, road_dir):
+    assert cli("--data-dir", road_dir, *TINY, "--epochs", "3", "--run-name", "v").exit_code == 0
+    earlier = json.loads(Path("logs/v/metrics.json").read_text())
+    result = cli("--submit", "--from-run", "logs/v", "--run-name", "s")
+    assert result.exit_code == 0, result.output
+    config = json.loads(Path("logs/s/config.json").read_text())
+    assert config["epochs"] == earlier["best_epoch"]
+    assert config["threshold"] == earlier["threshold"]["threshold"]
+    assert (config["filters"], config["crop"], config["data_dir"]) == (4, 32, str(road_dir))
+    assert f"threshold {earlier['threshold']['threshold']}" in result.output
+
+
 def test_three_classes_train_end_to_end_with_a_per_class_table(workdir, tmp_path):
     rng = np.random.default_rng(0)
     for index in range(6):

@@ -43,7 +43,7 @@ def test_real_mask_values_binarise_at_128():
 
 
 def test_a_mask_of_class_numbers_is_refused_as_binary():
-    with pytest.raises(InputError, match="values are 0..1, all below the threshold 128.*--classes 2"):
+    with pytest.raises(InputError, match="values are 0..1, all below the threshold 128.*classes 2"):
         binary_mask(np.array([[0, 1], [1, 0]], np.uint8), "m.png")
 
 

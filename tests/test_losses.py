@@ -90,7 +90,8 @@ def numpy_scores(truth, pred):
     fp = np.sum(~truth & pred)
     fn = np.sum(truth & ~pred)
     tn = np.sum(~truth & ~pred)
-    return dict(precision=tp / (tp + fp) if tp + fp else 0.0, recall=tp / (tp + fn) if tp + fn else 0,
+    return dict(precision=tp / (tp + fp) if tp + fp else 0.0,
+                recall=tp / (tp + fn) if tp + fn else 0.0,
                 f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
                 iou=tp / (tp + fp + fn) if tp + fp + fn else 0.0,
                 accuracy=(tp + tn) / truth.size)
@@ -131,7 +132,7 @@ def test_binary_metrics_match_numpy_and_stream_like_one_batch(seed):
 def test_patch_metrics_follow_the_kaggle_rule():
     truth = np.zeros((1, 32, 32, 1), np.float32)
     truth[0, :16, :16] = 1                                # patch (0, 0) road
-    truth[0, :4, 16:32] = 1                               # patch (0, 1): mean exactly 0.25, not road
+    truth[0, :4, 16:32] = 1                               # patch (0, 1): mean 0.25, not road
     prob = np.zeros_like(truth)
     prob[0, :16, :5] = 0.9                                # patch (0, 0): mean 0.3125, road
     prob[0, 16:, 16:] = 0.8                               # patch (1, 1): road, but wrongly

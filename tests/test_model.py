@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from losses_cil import SegmentationLoss
-from model_cil import build_model, build_tiny_unet, build_unet, required_multiple
+from model_cil import (FusedBatchNormalization, build_model, build_tiny_unet, build_unet,
+                       required_multiple)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 80), (400 // 16 * 16, 64)])
@@ -55,3 +56,18 @@ def test_a_tiny_model_overfits_one_batch():
     for _ in range(60):
         last = model.train_on_batch(x, y)
     assert last < 0.2 * first
+
+
+def test_fused_batchnorm_matches_keras_batchnorm_in_both_modes():
+    x = np.random.default_rng(0).normal(2, 3, (4, 8, 8, 5)).astype(np.float32)
+    fused, plain = FusedBatchNormalization(momentum=0.9), keras.layers.BatchNormalization(
+        momentum=0.9)
+    for layer in (fused, plain):
+        layer.build(x.shape)
+        layer.set_weights([np.linspace(0.5, 2, 5), np.linspace(-1, 1, 5), np.ones(5) * 0.3,
+                           np.ones(5) * 2.0])
+    assert np.allclose(fused(x, training=True), plain(x, training=True), atol=1e-4)
+    # the moving variance differs only by the fused kernel's n/(n-1) correction (n = 256 here)
+    for a, b in zip(fused.get_weights()[2:], plain.get_weights()[2:]):
+        assert np.allclose(a, b, rtol=1e-2)
+    assert np.allclose(fused(x, training=False), plain(x, training=False), atol=1e-2)

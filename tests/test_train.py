@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-import train_cil
 from data_cil import NO_AUG, resolve_aug, training_dataset
 from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
 from main_cil import main, settings_from

@@ -1,0 +1,30 @@
+"""The benchmark's quick mode: every part runs and the table has every row."""
+
+import json
+
+from click.testing import CliRunner
+
+import bench_cil
+from model_cil import build_unet
+
+
+def test_flops_are_counted_from_the_convolutions():
+    model = build_unet(filters=2, depth=1, batchnorm=False)
+    # 16x16 input: 3->2 and 2->2 convs, bottleneck 2->4 and 4->4 at 8x8, transposed 4->2
+    # (one 2x2 kernel per 8x8 input position), then 4->2, 2->2 and the 1x1 2->1 at 16x16.
+    expected = 2 * (256 * 9 * (3 * 2 + 2 * 2) + 64 * 9 * (2 * 4 + 4 * 4) + 64 * 4 * 4 * 2
+                    + 256 * 9 * (4 * 2 + 2 * 2) + 256 * 2 * 1)
+    assert bench_cil.forward_flops(model, 16) == expected
+
+
+def test_quick_mode_reports_every_part(workdir):
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "--data-dir", "nowhere", "-o",
+                                                 "bench.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "bench.json").read_text())["results"]
+    assert set(report) == {"matmul peak", "unet f=16 (default)", "unet f=64 (classic)",
+                           "tiny-unet", "pipeline", "memory"}
+    assert report["pipeline"]["mask_values"] == 2
+    assert report["pipeline"]["legacy_mask_values"] > 2
+    assert all(0 < row["train_share"] for row in report.values() if "train_share" in row)
+    assert "| two ImageDataGenerators, one seed, whole images |" in result.output
