@@ -293,7 +293,7 @@ def load_pairs(pairs, classes=1, palette=None, notes=None):
 def split_pairs(pairs, valid_fraction, seed):
     """(train, valid): a deterministic, disjoint split, valid_fraction of the pairs (at least 1)."""
     if len(pairs) < 2:
-        raise InputError(f"found {len(pairs)} image; a train/valid split needs at least 2, "
+        raise InputError(f"found {len(pairs)} image(s); a train/valid split needs at least 2, "
                          "add images or train on all of them with --submit")
     n_valid = min(max(1, round(len(pairs) * valid_fraction)), len(pairs) - 1)
     order = np.random.default_rng(seed).permutation(len(pairs))
@@ -486,10 +486,11 @@ def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None
     first = start_step * batch_size
 
     def one_pass(pass_index):
+        """(image index, stream position) of every element of one pass."""
         order = tf.random.experimental.stateless_shuffle(
             tf.range(per_pass, dtype=tf.int64) % len(images), seed=tf.stack([seed, pass_index]))
-        return tf.data.Dataset.from_tensor_slices((order, pass_index * per_pass + tf.range(per_pass,
-                                                                                  dtype=tf.int64)))
+        positions = pass_index * per_pass + tf.range(per_pass, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((order, positions))
 
     def element(index, position):
         image, mask = perturb_pair(_fetch(image_store, index), _fetch(mask_store, index),
@@ -570,14 +571,11 @@ def write_synthetic_dataset(folder, *, count, size, seed, test_count=0):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for index in range(1, count + 1):
         image, mask = synthetic_road_pair(rng, size)
-        skimage.io.imsave(folder / IMAGES_SUBDIR / f"synthetic_{index:03d}.png", image,
-                          check_contrast=False)
-        skimage.io.imsave(folder / MASKS_SUBDIR / f"synthetic_{index:03d}.png", mask,
-                          check_contrast=False)
+        write_png(folder / IMAGES_SUBDIR / f"synthetic_{index:03d}.png", image)
+        write_png(folder / MASKS_SUBDIR / f"synthetic_{index:03d}.png", mask)
     if test_count:
         (folder / "test_images").mkdir(exist_ok=True)
         for index in range(1, test_count + 1):
-            image, _ = synthetic_road_pair(rng, size)
-            skimage.io.imsave(folder / "test_images" / f"test_{index}.png", image,
-                              check_contrast=False)
+            write_png(folder / "test_images" / f"test_{index}.png",
+                      synthetic_road_pair(rng, size)[0])
     return folder

@@ -37,7 +37,8 @@ SCRIPTS = {"lsf": Path("cluster/bsub_train.sh"), "slurm": Path("cluster/sbatch_t
 SUBMITTERS = {"lsf": "bsub", "slurm": "sbatch"}
 RESOURCES = {"cores": "CORES", "mem_per_core": "MEM_PER_CORE", "walltime": "WALLTIME",
              "gpu_clause": "GPU_CLAUSE"}       # grid.json "resources" key -> script variable
-RESERVED = ("logs-dir", "run-name", "resume", "force")   # the grid decides these itself
+# The grid decides these itself: every job's run folder and outputs stay in the job's folder.
+RESERVED = ("logs-dir", "run-name", "resume", "force", "valid-output-dir", "submit-output-dir")
 RUN = "run"                                            # the run folder's name inside a job
 DEFAULT_METRIC = "patch_f1"
 
@@ -122,13 +123,17 @@ def job_status(job_dir):
 
 def job_arguments(job_dir, args):
     """The arguments to (re)start a job: its options, or --resume for a failed job that left a
-    checkpoint, or its options with --force over a failed job's partial run."""
+    checkpoint, or its options with --force over a failed job's partial run. Validation and
+    test outputs go inside the job folder: all jobs share the run name RUN, and --force must
+    not delete another job's outputs."""
     run_dir = job_dir / RUN
+    outputs = ["--valid-output-dir", str(job_dir / "valid_output"),
+               "--submit-output-dir", str(job_dir / "submit_output")]
     if (run_dir / "checkpoint/state.json").is_file():
-        return ["--resume", str(run_dir)]
+        return ["--resume", str(run_dir), *outputs]
     if (run_dir / "config.json").is_file():
-        return [*args, "--force"]
-    return args
+        return [*args, *outputs, "--force"]
+    return [*args, *outputs]
 
 
 def resource_environment(resources, gpus):
@@ -274,7 +279,7 @@ def summary_rows(grid_dir, metric=DEFAULT_METRIC):
 def _cell(value):
     if value is None:
         return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)   # 0.8826, 26.35
 
 
 def write_summary(grid_dir, metric=DEFAULT_METRIC):

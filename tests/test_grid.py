@@ -80,12 +80,14 @@ def test_lsf_jobs_are_submitted_with_the_resources_asked(tmp_path, monkeypatch, 
     result = grid(path, "--scheduler", "lsf", "--jobs-dir", tmp_path / "jobs")
     assert result.exit_code == 0, result.output
     job_dir = tmp_path / "jobs/g/lr-0.001__gpus-2"
+    arguments = ["--lr", "0.001", "--gpus", "2", "--valid-output-dir", f"{job_dir}/valid_output",
+                 "--submit-output-dir", f"{job_dir}/submit_output"]
     assert record.read_text().splitlines() == [
         "-J", "g/lr-0.001__gpus-2", "-n", "8", "-W", "24:00", *expected,
         "-o", f"{job_dir}/run/stdout", "-e", f"{job_dir}/run/stderr",
-        "bash", "cluster/bsub_train.sh", "--lr", "0.001", "--gpus", "2"]
+        "bash", "cluster/bsub_train.sh", *arguments]
     assert "Job <4711>" in (job_dir / "submitted").read_text()
-    assert (job_dir / "args").read_text() == "--lr\n0.001\n--gpus\n2\n"
+    assert (job_dir / "args").read_text().splitlines() == arguments
     assert "GPU_CLAUSE=" + clause in (job_dir / "submit.sh").read_text()
     assert "job <4711>" in result.output.lower()
     again = grid(path, "--scheduler", "lsf", "--jobs-dir", tmp_path / "jobs")
@@ -135,6 +137,8 @@ def test_a_local_grid_runs_and_the_summary_ranks_it(tmp_path, road_dir, at_repo)
     stderr = (tmp_path / "jobs/g/filters-4__crop-30/run/stderr").read_text()
     assert "--crop must be a multiple of 4" in stderr
     assert (tmp_path / "jobs/g/filters-2__crop-32/run/best.keras").is_file()
+    assert list((tmp_path / "jobs/g/filters-2__crop-32/valid_output/run").glob("*_overlay.png"))
+    assert not (REPO / "data/valid/output/run").exists()   # jobs keep their outputs to themselves
     result = grid("summary", tmp_path / "jobs/g")
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "jobs/g/post_output.tsv").read_text().splitlines()

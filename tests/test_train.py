@@ -19,7 +19,7 @@ from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
 from main_cil import main, settings_from
 from model_cil import build_unet
 from tests.test_cli import TINY, cli
-from train_cil import RunCheckpoint, learning_rate, make_optimizer
+from train_cil import RunCheckpoint, learning_rate, make_optimizer, run_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_two_replicas_both_get_data_and_stay_equal():
         model.compile(keras.optimizers.Adam(1e-2), SegmentationLoss(),
                       metrics=training_metrics(1))
     start = [w.numpy().copy() for w in model.trainable_weights]
-    model.fit(stream, steps_per_epoch=3, epochs=1, verbose=0)
+    model.fit(stream, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)
     for weight, before in zip(model.trainable_weights, start):
         replicas = [v.numpy() for v in weight.value.values]
         assert np.array_equal(replicas[0], replicas[1])
@@ -197,3 +197,24 @@ def test_resume_refuses_a_folder_without_checkpoint(workdir, tmp_path):
         {**resolved(), "data_dir": "x", "palette": None, "run_name": "empty"}, default=str))
     result = CliRunner().invoke(main, ["--resume", "logs/empty"])
     assert result.exit_code == 2 and "no checkpoint to resume from" in result.output
+
+
+def test_cosine_and_plateau_schedules():
+    rate = learning_rate("cosine", 1e-3, total_steps=100)
+    assert [float(rate(step)) for step in (0, 50, 100)] == pytest.approx([1e-3, 5e-4, 0.0],
+                                                                         abs=1e-9)
+    assert learning_rate("plateau", 1e-3) == 1e-3
+    checkpoint = RunCheckpoint("unused", monitor="val_f1", patience=0, steps_per_epoch=1)
+    plateau = [c for c in run_callbacks("unused", checkpoint=checkpoint, schedule="plateau")
+               if isinstance(c, keras.callbacks.ReduceLROnPlateau)]
+    assert len(plateau) == 1 and plateau[0].monitor == "val_f1" and plateau[0].mode == "max"
+
+
+def test_resume_keeps_the_runs_own_folder_for_every_later_hint(workdir, tmp_path):
+    run_dir = tmp_path / "elsewhere/r"
+    (run_dir / "checkpoint").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(
+        {**resolved(), "data_dir": "x", "palette": None, "run_name": "r"}, default=str))
+    (run_dir / "checkpoint/state.json").write_text(json.dumps({"epoch": 1}))
+    settings = resolved("--resume", run_dir)
+    assert Path(settings["logs_dir"]) / settings["run_name"] == run_dir
