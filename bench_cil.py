@@ -44,10 +44,11 @@ MODELS = {                   # label: builder options
 }
 POLICIES = ("float32", "mixed_bfloat16")   # mixed_float16 is --amp's policy, for GPUs
 CHECKED_BATCHES = 10         # batches whose mask values are counted, after the timed ones
+# image_side: of the generated images, used when --data-dir holds no road images
 QUICK = dict(side=256, repeats=2, train_steps=2, crop=64, batch=2, images=4, infer_side=64,
-             pipeline_batches=5, memory_epochs=1)
+             pipeline_batches=5, image_side=96)
 FULL = dict(side=MATMUL_SIDE, repeats=3, train_steps=4, crop=CROP, batch=BATCH_SIZE, images=72,
-            infer_side=TEST_SIDE, pipeline_batches=40, memory_epochs=1)
+            infer_side=TEST_SIDE, pipeline_batches=40, image_side=400)
 
 
 def median_rate(run, repeats, items):
@@ -188,7 +189,7 @@ def measure(data_dir, quick):
         rows[label] = dict(params=model.count_params(), gflops_per_image=flops / 1e9,
                            train_images_per_s=train, train_share=3 * flops * train / peak,
                            infer_images_per_s=infer, infer_share=infer_flops * infer / peak)
-    images, masks = road_images(data_dir, p["images"], 400 if not quick else 96)
+    images, masks = road_images(data_dir, p["images"], p["image_side"])
     ours, ours_values = pipeline_rate(images, masks, p["crop"], p["batch"], p["pipeline_batches"],
                                       p["repeats"])
     full, _ = pipeline_rate(images, masks, None, p["batch"], p["pipeline_batches"], p["repeats"])

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banner buries our output
+# Drops TensorFlow's C++ info and warning lines (the CPU-feature banner among them). The lines it
+# prints while loading come before absl logging starts and ignore this (tensorflow#102212).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import skimage.io

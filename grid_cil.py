@@ -10,7 +10,8 @@ optional "resources" object for the scheduler (cores, mem_per_core, walltime, gp
      "resources": {"walltime": "8:00"}}
 
 Each job gets jobs/<grid-name>/<job-id>/ with `args` (one argument per line), `submit.sh` (how it
-was submitted) and `run/` (the run folder: config, model, metrics, stdout, stderr, exit code).
+was submitted), `run/` (the run folder: config, model, metrics, stdout, stderr, exit code) and
+`valid_output/` (validation predictions).
 Job ids are made of the varied values, so they stay the same when the grid is run again; a rerun
 skips finished and submitted jobs, resumes failed ones that left a checkpoint and restarts the
 others.
@@ -136,6 +137,11 @@ def job_arguments(job_dir, args):
     return [*args, *outputs]
 
 
+def job_environment(job_dir):
+    """What cluster/run_job.sh needs to put a job's run folder inside its job folder."""
+    return {"LOGS_DIR": str(job_dir), "RUN_NAME": RUN}
+
+
 def resource_environment(resources, gpus):
     env = {RESOURCES[key]: str(value) for key, value in resources.items()}
     env["GPUS"] = str(gpus)
@@ -159,7 +165,7 @@ def run_local(job_dir, args):
     """Run one job here, output into its run folder; returns its exit code."""
     run_dir = job_dir / RUN
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {"LOGS_DIR": str(job_dir), "RUN_NAME": RUN, "PYTHON": sys.executable}
+    env = {**job_environment(job_dir), "PYTHON": sys.executable}
     with open(run_dir / "stdout", "w") as out, open(run_dir / "stderr", "w") as err:
         return subprocess.run(["bash", "cluster/run_job.sh", *args], stdout=out, stderr=err,
                               env={**os.environ, **env}).returncode
@@ -203,8 +209,8 @@ def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_D
         _run_all_locally(todo, dry_run, parallel)
     elif scheduler == "lsf":
         for job_dir, args, gpus in todo:
-            env = {**resource_environment(resources, gpus), "LOGS_DIR": str(job_dir),
-                   "RUN_NAME": RUN, "JOB_NAME": f"{grid_dir.name}/{job_dir.name}"}
+            env = {**resource_environment(resources, gpus), **job_environment(job_dir),
+                   "JOB_NAME": f"{grid_dir.name}/{job_dir.name}"}
             command = ["bash", str(SCRIPTS["lsf"]), *args]
             write_job(job_dir, args, shell_line(env, command))
             click.echo(shell_line(env, command) if dry_run else
@@ -216,7 +222,7 @@ def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_D
 
 def _run_all_locally(todo, dry_run, parallel):
     for job_dir, args, _ in todo:
-        write_job(job_dir, args, shell_line({"LOGS_DIR": str(job_dir), "RUN_NAME": RUN},
+        write_job(job_dir, args, shell_line(job_environment(job_dir),
                                             ["bash", "cluster/run_job.sh", *args]))
         if dry_run:
             click.echo((job_dir / "submit.sh").read_text().splitlines()[-1])

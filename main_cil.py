@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-# data_cil first: it quiets TensorFlow's C++ start-up logging before TensorFlow loads.
+# data_cil first: it sets TensorFlow's C++ log level, which only counts before TensorFlow loads.
 from data_cil import (InputError, find_pairs, find_test_images, load_pairs, parse_palette,
                       read_image, resolve_aug, split_pairs, train_sample_size, training_dataset,
                       validation_arrays, write_json, write_png, write_synthetic_dataset)
@@ -282,7 +282,7 @@ def distribution(gpus, amp):
     if amp and found:
         keras.mixed_precision.set_global_policy("mixed_float16")
     elif amp:
-        echo("note: --amp ignored on the CPU: float16 has no fast path there (README 'Mixed "
+        echo("note: --amp ignored on the CPU: mixed_float16 is for GPUs (README 'Mixed "
              "precision'); training in float32")
     if gpus and gpus > 1:
         devices = [f"/gpu:{i}" for i in range(gpus)]

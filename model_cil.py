@@ -34,7 +34,8 @@ TINY_OUTPUT_FILTERS = 32
 
 @keras.saving.register_keras_serializable(package="cil")
 class FusedBatchNormalization(layers.BatchNormalization):
-    """BatchNormalization through TensorFlow's fused kernel, same variables and results.
+    """BatchNormalization through TensorFlow's fused kernel: the same variables and outputs; the
+    moving variance takes the batch variance with the kernel's n/(n-1) correction.
 
     Keras 3 normalises with half a dozen separate elementwise ops; the one fused kernel trains
     the default U-Net about a third faster on 2 CPU cores (bench_cil.py, README "Speed"). It
