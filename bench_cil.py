@@ -27,13 +27,18 @@ from pathlib import Path
 import click
 import numpy as np
 
-from data_cil import find_pairs, load_pairs, resolve_aug, training_dataset, synthetic_road_pair
+from data_cil import InputError, find_pairs, load_pairs, synthetic_road_pair
+from main_cil import import_tensorflow
+from settings_cil import BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, resolve_aug
+
+# TensorFlow first, without its C++ start-up lines; then what builds on it.
+tf = import_tensorflow()
 import keras
-import tensorflow as tf
 
 from losses_cil import SegmentationLoss, training_metrics
-from main_cil import BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS
+from mask_to_submission import check_output_path
 from model_cil import build_model
+from pipeline_cil import training_dataset
 
 MATMUL_SIDE = 4096           # large enough that numpy's BLAS runs at full speed
 TEST_SIDE = 608              # the Kaggle test images
@@ -127,7 +132,7 @@ def road_images(data_dir, count, side):
 def pipeline_rate(images, masks, crop, batch, batches, repeats):
     """(images/s, distinct mask values) of main_cil.py's training stream."""
     stream = iter(training_dataset(images, masks, batch_size=batch,
-                                   aug=resolve_aug(DATA_GEN_ARGS, []), seed=0, crop=crop))
+                                   aug=resolve_aug(DATA_GEN_ARGS), seed=0, crop=crop))
     return stream_rate(stream, batch, batches, repeats)
 
 
@@ -136,7 +141,7 @@ def legacy_pair_rate(images, masks, batch, batches, repeats):
     Keras recipe, with the same perturbations (no quarter turns: it has none)."""
     from keras.src.legacy.preprocessing.image import ImageDataGenerator  # gone from the public API
     args = dict(DATA_GEN_ARGS)
-    args.pop("quarter_turns")
+    args.pop("quarter_turns")                   # ImageDataGenerator has none
     image_flow = ImageDataGenerator(**args).flow(np.stack(images).astype(np.float32),
                                                  batch_size=batch, seed=1)
     # Masks as users load them from PNG (0/255); they threshold after the generator.
@@ -245,6 +250,11 @@ def markdown(report):
               help="Keras dtype policy of the model rows; the peak and its shares stay float32.")
 def main(quick, data_dir, output, policy):
     """Measure training, inference and input speed against the machine's peak."""
+    try:
+        check_output_path(output, force=True)      # before minutes of measuring, not after
+    except InputError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
     keras.mixed_precision.set_global_policy(policy)
     report = dict(measure(data_dir, quick), policy=policy)
     output.write_text(json.dumps(report, indent=2) + "\n")

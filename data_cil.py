@@ -1,49 +1,27 @@
-"""Reading, checking and splitting image/mask pairs, the tf.data pipeline with paired
-perturbations, and the synthetic road images behind `--demo` and the tests.
-
-An image and its mask travel together as one element from the first read to the batch. Every
-random draw is stateless and keyed by (seed, position in the stream), so a run, and a run resumed
-after a kill, sees exactly the same crops and perturbations.
+"""Reading, checking and splitting image/mask pairs, writing files atomically, and the synthetic
+road images behind `--demo` and the tests. No TensorFlow here: the Kaggle converter and the
+command line's checks read images without loading it (the tf.data pipeline is pipeline_cil.py).
 """
 
 import json
-import math
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
-
-# Drops TensorFlow's C++ info and warning lines (the CPU-feature banner among them). The lines it
-# prints while loading come before absl logging starts and ignore this (tensorflow#102212).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import skimage.io
 import skimage.transform
-import tensorflow as tf
 
 IMAGES_SUBDIR = Path("training/images")
 MASKS_SUBDIR = Path("training/groundtruth")
 TEST_LAYOUTS = ("test_set_images/*/*", "test_images/*")   # EPFL: test_N/test_N.png, CIL: test_N.png
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# A numbered image is named <letters>_<number>: test_12.png, satImage_001.png, mask_007.png.
+NUMBERED_NAME = re.compile(r"[A-Za-z]+_(\d+)")
 MASK_THRESHOLD = 128         # road pixels are 237 with anti-aliased edges, not 255
 MAX_NAMES_SHOWN = 3          # file names listed in one error line before "and N more"
-
-# The ImageDataGenerator vocabulary with its meanings, plus quarter turns. Each value's type is
-# the type an override from the command line must have.
-AUG_DEFAULTS = dict(
-    rotation_range=0.0,          # degrees, drawn uniformly in [-r, r]
-    width_shift_range=0.0,       # fraction of the width below 1, pixels from 1 up
-    height_shift_range=0.0,      # fraction of the height below 1, pixels from 1 up
-    zoom_range=0.0,              # z or [lo, hi]: a factor per axis in [1-z, 1+z]; above 1 zooms out
-    shear_range=0.0,             # degrees, counter-clockwise
-    horizontal_flip=False,
-    vertical_flip=False,
-    quarter_turns=False,         # rotate by 0, 90, 180 or 270 degrees
-    fill_mode="reflect",         # what fills pixels mapped from outside the image
-    brightness_range=(1.0, 1.0), # factor multiplying the image, not the mask
-)
-FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 
 
 class InputError(Exception):
@@ -55,10 +33,15 @@ def write_atomically(path, write):
     mid-write, sees the old file or the new one, never half of one. The temporary name starts
     with a dot and keeps the suffix, so file finders skip it and writers recognise the format."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.partial{path.suffix}")
+    # One temporary name per writer: two processes writing the same file never share one.
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.partial"
+                               f"{path.suffix}")
     try:
         write(temporary)
         os.replace(temporary, path)
+    except PermissionError as error:
+        raise InputError(f"{path.parent}: not writable ({error.strerror}); make it writable or "
+                         "choose another folder") from None
     finally:
         temporary.unlink(missing_ok=True)
     return path
@@ -66,6 +49,22 @@ def write_atomically(path, write):
 
 def write_json(path, data):
     return write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_json_once(path, data):
+    """Write `path` only if no file is there, whole or not at all, even when several processes
+    try at once; returns whether this call wrote it."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.partial"
+                               f"{path.suffix}")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        os.link(temporary, path)               # fails if the file exists, atomically
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_png(path, array):
@@ -129,11 +128,12 @@ def find_pairs(data_dir):
 
 
 def image_number(path):
-    """The last number in a file name: test_12.png -> 12."""
-    numbers = re.findall(r"\d+", Path(path).stem)
-    if not numbers:
-        raise InputError(f"{path}: no number in the file name; name test images like test_12.png")
-    return int(numbers[-1])
+    """The number of a numbered image: test_12.png -> 12 (NUMBERED_NAME, nothing else)."""
+    match = NUMBERED_NAME.fullmatch(Path(path).stem)
+    if not match:
+        raise InputError(f"{path}: not a numbered image name; name it like test_12.png "
+                         "(letters, an underscore, the image number)")
+    return int(match.group(1))
 
 
 def find_test_images(data_dir):
@@ -164,7 +164,9 @@ def read_array(path):
     try:
         return np.asarray(skimage.io.imread(path))
     except Exception as error:  # every decoder fails differently; all mean the same to the user
-        raise InputError(f"{path}: cannot read the image ({type(error).__name__}: {error}); "
+        # The first line only: imageio appends several lines of plugin advice.
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise InputError(f"{path}: cannot read the image ({type(error).__name__}: {reason}); "
                          "re-save it as PNG or remove it") from error
 
 
@@ -304,161 +306,25 @@ def split_pairs(pairs, valid_fraction, seed):
     return [pairs[i] for i in train], [pairs[i] for i in valid]
 
 
-def parse_aug_value(key, text):
-    """An override from `--aug key=value`, typed like the key's default."""
-    default = AUG_DEFAULTS[key]
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(default, tuple):
-            low, high = (float(part) for part in text.split(","))
-            return (low, high)
-        if isinstance(default, str):
-            if text not in FILL_MODES:
-                raise ValueError
-            return text
-        return float(text)
-    except ValueError:
-        allowed = {bool: "true or false", tuple: "two numbers like 0.9,1.1",
-                   str: " or ".join(FILL_MODES), float: "a number"}[type(default)]
-        raise InputError(f"--aug {key}={text}: expected {allowed}") from None
+def fold_assignment(foreground, folds, seed):
+    """The fold (0..folds-1) of each image, stratified by its foreground share: images sorted by
+    it are dealt out in blocks of `folds`, each block shuffled by the seed, so every fold gets
+    its share of sparse and dense masks and the fold sizes differ by at most one."""
+    if len(foreground) < folds:
+        raise InputError(f"found {len(foreground)} image(s) for --folds {folds}; every fold "
+                         "needs at least one, so lower --folds or add images")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(foreground, kind="stable")
+    assignment = np.empty(len(foreground), int)
+    for start in range(0, len(order), folds):
+        block = order[start:start + folds]
+        assignment[block] = rng.permutation(folds)[:len(block)]
+    return assignment.tolist()
 
 
-def resolve_aug(base, overrides):
-    """`base` with `--aug key=value` strings applied; unknown keys are an InputError."""
-    resolved = {**AUG_DEFAULTS, **base}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or key not in AUG_DEFAULTS:
-            raise InputError(f"--aug {item}: expected key=value with key one of "
-                             f"{', '.join(AUG_DEFAULTS)}")
-        resolved[key] = parse_aug_value(key, text)
-    zoom = resolved["zoom_range"]
-    if not isinstance(zoom, (tuple, list)):
-        zoom = (1 - zoom, 1 + zoom)
-    if min(zoom) <= 0:
-        raise InputError(f"zoom_range {resolved['zoom_range']}: factors must stay above 0")
-    resolved["zoom_range"] = tuple(float(z) for z in zoom)
-    resolved["brightness_range"] = tuple(float(b) for b in resolved["brightness_range"])
-    return resolved
-
-
-# ---------------------------------------------------------------------------------------------
-# Paired perturbations, one resampling per element
-
-
-def _uniform(seed, low, high):
-    return tf.random.stateless_uniform([], seed=seed, minval=low, maxval=high)
-
-
-def _shift_pixels(seed, shift_range, side):
-    if not shift_range:
-        return tf.constant(0.0)
-    limit = shift_range * tf.cast(side, tf.float32) if shift_range < 1 else shift_range
-    # Whole pixels: a sub-pixel shift would only blur the image and change nothing else.
-    return tf.round(_uniform(seed, -limit, limit))
-
-
-def _dihedral(seed, aug):
-    """2x2 matrix of the random flips and quarter turn, exact in 0 and +-1."""
-    flip_seed, turn_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    coins = tf.random.stateless_uniform([2], seed=flip_seed) < 0.5
-    fx = tf.where(tf.logical_and(coins[0], aug["horizontal_flip"]), -1.0, 1.0)
-    fy = tf.where(tf.logical_and(coins[1], aug["vertical_flip"]), -1.0, 1.0)
-    turns = tf.random.stateless_uniform([], seed=turn_seed, maxval=4, dtype=tf.int32)
-    turns = turns if aug["quarter_turns"] else tf.constant(0)
-    cos = tf.gather([1.0, 0.0, -1.0, 0.0], turns)
-    sin = tf.gather([0.0, 1.0, 0.0, -1.0], turns)
-    return tf.reshape(tf.stack([cos * fx, -sin * fy, sin * fx, cos * fy]), [2, 2])
-
-
-def _affine(seed, aug):
-    """2x2 matrix of rotation, shear and zoom (ImageDataGenerator's order), output to input."""
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-    angle = _uniform(seeds[0], -aug["rotation_range"], aug["rotation_range"]) * math.pi / 180
-    shear = _uniform(seeds[1], -aug["shear_range"], aug["shear_range"]) * math.pi / 180
-    zx = _uniform(seeds[2], *aug["zoom_range"])
-    zy = _uniform(seeds[3], *aug["zoom_range"])
-    rotation = tf.reshape(tf.stack([tf.cos(angle), -tf.sin(angle), tf.sin(angle), tf.cos(angle)]),
-                          [2, 2])
-    shearing = tf.reshape(tf.stack([1.0, -tf.sin(shear), 0.0, tf.cos(shear)]), [2, 2])
-    zoom = tf.linalg.diag(tf.stack([zx, zy]))
-    return rotation @ shearing @ zoom
-
-
-def perturbation_transform(seed, aug, in_size, out_size):
-    """The 8 projective coefficients mapping output pixels to input pixels for one element.
-
-    Output pixel q (column, row) reads input pixel c_in + shift + crop + A D (q - c_out): D is the
-    flips and quarter turn, A the rotation/shear/zoom, crop the window's offset from the centre,
-    all in one matrix so image and mask are resampled once.
-    """
-    in_h, in_w = in_size
-    out_h, out_w = out_size
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    linear = _affine(seeds[0], aug) @ _dihedral(seeds[1], aug)
-    # An integer window corner keeps flips, turns and crops on the pixel grid (exact copies).
-    left = tf.cast(tf.random.stateless_uniform([], seeds[2], maxval=in_w - out_w + 1,
-                                               dtype=tf.int32), tf.float32)
-    top = tf.cast(tf.random.stateless_uniform([], seeds[3], maxval=in_h - out_h + 1,
-                                              dtype=tf.int32), tf.float32)
-    shift_seeds = tf.unstack(tf.random.experimental.stateless_split(seeds[4], 2))
-    shift_x = _shift_pixels(shift_seeds[0], aug["width_shift_range"], in_w)
-    shift_y = _shift_pixels(shift_seeds[1], aug["height_shift_range"], in_h)
-    centre_x = left + (out_w - 1) / 2 + shift_x
-    centre_y = top + (out_h - 1) / 2 + shift_y
-    out_cx, out_cy = (out_w - 1) / 2, (out_h - 1) / 2
-    a, b, c, d = tf.unstack(tf.reshape(linear, [4]))
-    return tf.stack([a, b, centre_x - a * out_cx - b * out_cy,
-                     c, d, centre_y - c * out_cx - d * out_cy, 0.0, 0.0])
-
-
-def _resample(pixels, transform, out_size, interpolation, fill_mode):
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=pixels[None], transforms=transform[None], output_shape=tf.constant(out_size),
-        fill_value=0.0, interpolation=interpolation, fill_mode=fill_mode.upper())[0]
-
-
-def perturb_pair(image, mask, seed, aug, out_size):
-    """(image, mask) cropped to out_size and perturbed by one draw: image bilinear float32 in
-    0..255, mask nearest so its values stay exactly the input's class numbers."""
-    in_size = tf.unstack(tf.shape(image)[:2])
-    transform_seed, brightness_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    transform = perturbation_transform(transform_seed, aug, in_size, out_size)
-    image = _resample(tf.cast(image, tf.float32), transform, out_size, "BILINEAR", aug["fill_mode"])
-    mask = _resample(mask, transform, out_size, "NEAREST", aug["fill_mode"])
-    if aug["brightness_range"] != (1.0, 1.0):
-        factor = _uniform(brightness_seed, *aug["brightness_range"])
-        image = tf.clip_by_value(image * factor, 0, 255)
-    return image, mask
-
-
-NO_AUG = resolve_aug({}, [])  # identity perturbation: only the random crop remains
-
-
-# ---------------------------------------------------------------------------------------------
-# tf.data pipelines
-
-
-def _flat_store(arrays):
-    """All arrays in one flat uint8 tensor with each one's offset and shape, so images of
-    different sizes share one in-memory cache that a tf.data map can index."""
-    offsets = np.cumsum([0] + [a.size for a in arrays[:-1]]).astype(np.int64)
-    shapes = np.array([a.shape if a.ndim == 3 else (*a.shape, 1) for a in arrays], np.int64)
-    flat = np.concatenate([a.ravel() for a in arrays])
-    return tf.constant(flat), tf.constant(offsets), tf.constant(shapes)
-
-
-def _fetch(store, index):
-    flat, offsets, shapes = store
-    shape = shapes[index]
-    return tf.reshape(flat[offsets[index]:offsets[index] + tf.reduce_prod(shape)], shape)
-
-
-def train_sample_size(images, crop, aug):
-    """(height, width) of the training samples: the crop, or the images' one shared size."""
+def train_sample_size(images, crop, aug, multiple=1):
+    """(height, width) of the training samples: the crop, or the images' one shared size, which
+    the model must accept (sides multiples of `multiple`)."""
     sizes = sorted({image.shape[:2] for image in images})
     if crop:
         small = [s for s in sizes if min(s) < crop]
@@ -472,62 +338,14 @@ def train_sample_size(images, crop, aug):
     if aug["quarter_turns"] and sizes[0][0] != sizes[0][1]:
         raise InputError(f"quarter turns need square samples but the images are "
                          f"{sizes[0][1]}x{sizes[0][0]}; pass --crop or --aug quarter_turns=false")
-    return sizes[0]
+    height, width = sizes[0]
+    if height % multiple or width % multiple:
+        fit = f"{height // multiple * multiple}" if min(height, width) >= multiple else None
+        hint = f"pass --crop {fit}" if fit else "use larger images"
+        raise InputError(f"training images are {width}x{height} but the model needs sides that are "
+                         f"multiples of {multiple}; {hint} or a smaller --depth")
+    return height, width
 
-
-def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None, start_step=0):
-    """Endless batches of (image float32 0..255 (B, h, w, 3), mask float32 (B, h, w, 1)).
-
-    Each pass over the training set shows every image `count` times in an order shuffled by
-    (seed, pass); element k of the stream is perturbed with seed (seed, k). Starting at
-    `start_step` continues a run exactly where it stopped.
-    """
-    out_size = train_sample_size(images, crop, aug)
-    image_store, mask_store = _flat_store(images), _flat_store(masks)
-    per_pass = len(images) * count
-    first = start_step * batch_size
-
-    def one_pass(pass_index):
-        """(image index, stream position) of every element of one pass."""
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(per_pass, dtype=tf.int64) % len(images), seed=tf.stack([seed, pass_index]))
-        positions = pass_index * per_pass + tf.range(per_pass, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((order, positions))
-
-    def element(index, position):
-        image, mask = perturb_pair(_fetch(image_store, index), _fetch(mask_store, index),
-                                   tf.stack([tf.constant(seed, tf.int64), position]), aug, out_size)
-        image.set_shape((*out_size, images[0].shape[-1]))
-        mask.set_shape((*out_size, 1))
-        return image, tf.cast(mask, tf.float32)
-
-    return (tf.data.Dataset.range(first // per_pass, 2**62)
-            .flat_map(one_pass)
-            .skip(first % per_pass)
-            .map(element, num_parallel_calls=tf.data.AUTOTUNE)
-            .batch(batch_size, drop_remainder=True)
-            .prefetch(tf.data.AUTOTUNE))
-
-
-def validation_arrays(images, masks, multiple):
-    """(x float32 (N, h, w, 3), y float32 (N, h, w, 1)): the validation pairs centre-cropped to
-    one shared size the model accepts, for Keras' per-epoch validation (the full-size evaluation
-    after training sees every pixel)."""
-    height = min(i.shape[0] for i in images) // multiple * multiple
-    width = min(i.shape[1] for i in images) // multiple * multiple
-    if not height or not width:
-        raise InputError(f"validation images are smaller than {multiple} pixels, the least the "
-                         "model accepts; use larger images or a smaller --depth")
-    x = np.stack([centre_window(i, height, width) for i in images]).astype(np.float32)
-    y = np.stack([centre_window(m, height, width) for m in masks])[..., None].astype(np.float32)
-    return x, y
-
-
-def centre_window(array, height, width):
-    """The centred height x width window of an array."""
-    h, w = array.shape[:2]
-    top, left = (h - height) // 2, (w - width) // 2
-    return array[top:top + height, left:left + width]
 
 
 # ---------------------------------------------------------------------------------------------

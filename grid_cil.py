@@ -1,285 +1,632 @@
-"""Grid searches: one job per combination of main_cil.py options, one folder per job, one table.
+"""Grid searches and cluster jobs: one run folder per combination of main_cil.py options, run
+here or submitted to LSF or SLURM, and one table of the results.
 
-    python grid_cil.py grid.json --scheduler lsf|slurm|local [--dry-run] [--parallel K]
-    python grid_cil.py summary jobs/<grid-name> [--metric patch_f1]
+    python grid_cil.py grid.json [--scheduler local|lsf|slurm] [--dry-run] [--parallel K]
+    python grid_cil.py summary jobs/<grid> [--metric patch_f1]
+    python grid_cil.py submit lsf|slurm -- [main_cil.py options]   # one run (cluster/*.sh)
+    python grid_cil.py job RUN_FOLDER                             # inside a job
 
 grid.json maps main_cil.py options to a list of values (varied) or one value (fixed), plus an
-optional "resources" object for the scheduler (cores, mem_per_core, walltime, gpu_clause):
+optional "resources" object for the scheduler:
 
-    {"loss": ["bce", "bce_dice"], "filters": [16, 32], "gpus": [1], "epochs": 60,
-     "resources": {"walltime": "8:00"}}
+    {"loss": ["bce", "bce_dice"], "filters": [16, 32], "gpus": 1, "epochs": 60,
+     "resources": {"walltime": "8:00", "cores": 4}}
 
-Each job gets jobs/<grid-name>/<job-id>/ with `args` (one argument per line), `submit.sh` (how it
-was submitted), `run/` (the run folder: config, model, metrics, stdout, stderr, exit code) and
-`valid_output/` (validation predictions).
-Job ids are made of the varied values, so they stay the same when the grid is run again; a rerun
-skips finished and submitted jobs, resumes failed ones that left a checkpoint and restarts the
-others.
+Every value is checked by the option's own type, and every job's settings are resolved, before
+anything is submitted. Each job is the run folder jobs/<grid>/<job-id>/, holding `job.json`
+(its arguments as JSON), `submitted.json` (where it went), the run's files, `stdout`, `stderr`
+and `exit_code`. A job command never passes a value through a shell: the job reads its
+arguments from its folder. Job ids are made of the varied values, so they stay the same when
+the grid runs again; a rerun skips finished, pending and running jobs, resumes failed or lost
+ones that left a checkpoint, and moves the others aside (into .trash/) before starting them anew.
 """
 
+import hashlib
 import itertools
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import click
 
-import main_cil
+from data_cil import InputError, write_json
+from runs_cil import (FOLD_PREFIX, RUN_NAME, check_run_name, fold_folder, lock_owner, path,
+                      read_exit_code, read_json, read_metrics, read_state, set_aside)
+from settings_cil import (CONTEXT, OPTIONS, flag_word, option_for, resolve_settings,
+                          typed_value)
 
+REPO = Path(__file__).resolve().parent
 JOBS_DIR = Path("jobs")
 SCHEDULERS = ("lsf", "slurm", "local")
-SCRIPTS = {"lsf": Path("cluster/bsub_train.sh"), "slurm": Path("cluster/sbatch_train.sh")}
 SUBMITTERS = {"lsf": "bsub", "slurm": "sbatch"}
-RESOURCES = {"cores": "CORES", "mem_per_core": "MEM_PER_CORE", "walltime": "WALLTIME",
-             "gpu_clause": "GPU_CLAUSE"}       # grid.json "resources" key -> script variable
-# The grid decides these itself: every job's run folder and outputs stay in the job's folder.
-RESERVED = ("logs-dir", "run-name", "resume", "force", "valid-output-dir", "submit-output-dir")
-RUN = "run"                                            # the run folder's name inside a job
+# The grid places every job's run and outputs itself; a grid file may not set these.
+RESERVED = ("run_name", "logs_dir", "valid_output_dir", "submit_output_dir", "resume", "force",
+            "config")
+RESOURCES = dict(            # grid.json "resources" key: default, meaning
+    cores=(2, "CPU cores (LSF -n, SLURM --cpus-per-task); TensorFlow uses as many threads"),
+    mem_per_core=(4096, "MB per core (LSF rusage[mem=...], SLURM --mem-per-cpu)"),
+    walltime=("4:00", "H:MM (hours:minutes) or minutes, the same for LSF and SLURM"),
+    gpu_clause=(None, "LSF: rusage (ngpus_excl_p) or gpu (-gpu num=N); SLURM: gres or gpus"),
+    partition=(None, "SLURM --partition, LSF -q (queue)"),
+    account=(None, "SLURM --account, LSF -P (project)"),
+    qos=(None, "SLURM --qos (LSF has none)"),
+)
+GPU_CLAUSES = {"lsf": ("rusage", "gpu"), "slurm": ("gres", "gpus")}
+# Environment variables of the single-run scripts (cluster/*.sh) -> resources
+RESOURCE_VARIABLES = dict(cores="CORES", mem_per_core="MEM_PER_CORE", walltime="WALLTIME",
+                          gpu_clause="GPU_CLAUSE", partition="PARTITION", account="ACCOUNT",
+                          qos="QOS")
+WALLTIME = re.compile(r"(?:(\d+):([0-5]\d)|(\d+))")        # H:MM or minutes
+JOB_ID_LENGTH = 80           # longer ids, or ids with other characters, end in a hash instead
 DEFAULT_METRIC = "patch_f1"
+SUBMITTED = "submitted.json"
+ARRAYS_DIR = "arrays"        # SLURM: one immutable task list per submitted array
+SCHEDULER_OUTPUT = "scheduler"   # SLURM's and LSF's own output, per job
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)    # forwarded to main_cil.py, which saves
 
 
 class GridError(Exception):
     """A problem with the grid file, the jobs folder or the scheduler, shown as one line."""
 
 
-def option_names():
-    """{name: is_flag} of main_cil.py's options, names as on the command line without dashes."""
-    return {param.opts[0].lstrip("-"): param.is_flag for param in main_cil.main.params}
+# ---------------------------------------------------------------------------------------------
+# Grid files
 
 
-def negated_flags():
-    """Flags that have a --no- form, like batchnorm."""
-    return {opt.lstrip("-") for param in main_cil.main.params for opt in param.secondary_opts}
+def _main_command():
+    return click.Command("main_cil.py", params=OPTIONS, context_settings=CONTEXT)
 
 
-def load_grid(path):
-    """(varied {option: values}, fixed {option: value}, resources {} ) from a grid file."""
-    path = Path(path)
-    try:
-        grid = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise GridError(f"{path}: not a readable JSON grid ({error})") from None
-    if not isinstance(grid, dict):
-        raise GridError(f"{path}: expected a JSON object of option: [values]")
-    resources = grid.pop("resources", {})
+def check_resources(resources, where):
     unknown = set(resources) - set(RESOURCES)
     if unknown:
-        raise GridError(f"{path}: resources {', '.join(sorted(unknown))} unknown; use "
+        raise GridError(f"{where}: resources {', '.join(sorted(unknown))} unknown; use "
                         f"{', '.join(RESOURCES)}")
-    known = option_names()
+    resolved = {key: resources.get(key, default) for key, (default, _) in RESOURCES.items()}
+    for key in ("cores", "mem_per_core"):
+        if not (isinstance(resolved[key], int) and resolved[key] >= 1):
+            raise GridError(f"{where}: resources {key} {resolved[key]!r}: expected a whole "
+                            "number from 1")
+    walltime_parts(resolved["walltime"], where)
+    for key in ("partition", "account", "qos", "gpu_clause"):
+        value = resolved[key]
+        if value is not None and not (isinstance(value, str) and RUN_NAME.fullmatch(value)):
+            raise GridError(f"{where}: resources {key} {value!r}: expected a name of letters, "
+                            "digits, '.', '_' and '-'")
+    return resolved
+
+
+def walltime_parts(value, where="walltime"):
+    """(hours, minutes) of a walltime given as "H:MM" or as minutes."""
+    match = WALLTIME.fullmatch(str(value))
+    if not match or isinstance(value, bool):
+        raise GridError(f"{where}: walltime {value!r}: use H:MM (hours:minutes, e.g. 4:00) or "
+                        "whole minutes (e.g. 90), the same for LSF and SLURM")
+    if match.group(3) is not None:
+        return divmod(int(match.group(3)), 60)
+    return int(match.group(1)), int(match.group(2))
+
+
+def load_grid(path_given):
+    """(name, varied {option: [typed values]}, fixed {option: typed value}, resources)."""
+    grid_path = Path(path_given)
+    name = grid_path.stem
+    if not RUN_NAME.fullmatch(name):
+        raise GridError(f"{grid_path}: a grid's name (its file name) must be letters, digits, "
+                        "'.', '_' and '-', starting with a letter or digit")
+    try:
+        grid = json.loads(grid_path.read_text())
+    except (OSError, ValueError) as error:
+        raise GridError(f"{grid_path}: not a readable JSON grid ({error})") from None
+    if not isinstance(grid, dict):
+        raise GridError(f"{grid_path}: expected a JSON object of option: [values]")
+    resources = check_resources(grid.pop("resources", {}), grid_path)
+    if not grid:
+        raise GridError(f"{grid_path}: sets no option; a grid needs at least one, e.g. "
+                        '{"loss": ["bce", "dice"]}')
     varied, fixed = {}, {}
     for key, value in grid.items():
-        name = key.replace("_", "-")
-        if name in RESERVED or name not in known:
-            allowed = ", ".join(sorted(set(known) - set(RESERVED)))
-            raise GridError(f"{path}: '{key}' is not an option a grid may set; options: {allowed}")
-        (varied if isinstance(value, list) else fixed)[name] = value
-    return varied, fixed, resources
+        try:
+            option = option_for(key, grid_path)
+            if option.name in RESERVED:
+                raise InputError(f"{grid_path}: '{key}' is not an option a grid may set: the grid "
+                                 "places each job's run itself")
+            if isinstance(value, list):        # for aug: each item is one job's overrides
+                if not value:
+                    raise InputError(f"{grid_path}: '{key}' has an empty list of values")
+                varied[option.name] = [typed_value(option, item, grid_path) for item in value]
+            else:
+                fixed[option.name] = typed_value(option, value, grid_path)
+        except InputError as error:
+            raise GridError(str(error)) from None
+    return name, varied, fixed, resources
 
 
-def option_args(name, value, is_flag):
-    """Command-line words for one option value: --name v, --flag / --no-flag, or nothing."""
-    if is_flag:
-        if value is True:
-            return [f"--{name}"]
-        return [f"--no-{name}"] if f"no-{name}" in negated_flags() else []
-    if name == "aug":                       # repeatable KEY=VALUE
-        return [word for item in value for word in ("--aug", item)]
-    return [f"--{name}", str(value)]
+def _canonical(value):
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def job_id(combination):
-    """A folder name from the varied values: loss-bce__filters-32."""
-    parts = [f"{name}-{value}" for name, value in combination.items()]
-    return re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(parts)) or "single"
+    """A folder name from the varied values: loss-bce__filters-32; a hash ends the ids that
+    would be long or lose characters, so two combinations never share one."""
+    if not combination:
+        return "single"
+    readable = "__".join(f"{name.replace('_', '-')}-{_plain(value)}"
+                         for name, value in combination.items())
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", readable).lstrip("._-")
+    if safe == readable and len(safe) <= JOB_ID_LENGTH:
+        return safe
+    digest = hashlib.sha1(_canonical(combination).encode()).hexdigest()[:10]
+    return f"{safe[:JOB_ID_LENGTH - 11]}-{digest}"
 
 
-def expand(varied, fixed):
-    """[(job id, {option: value})] for every combination, in the grid file's order."""
-    flags = option_names()
-    jobs = []
+def _plain(value):
+    """A typed value as text: 0.001, True, rotation_range=90 (perturbations key=value)."""
+    if isinstance(value, dict):
+        return " ".join(f"{key}={_plain(item)}" for key, item in value.items())
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def job_words(options):
+    """main_cil.py words for {option: typed value}: --name=value, --flag, --no-flag."""
+    by_name = {option.name: option for option in OPTIONS}
+    words = []
+    for name, value in options.items():
+        if name == "aug":
+            value = [f"{key}={_plain(item)}" for key, item in value.items()]
+        words += flag_word(by_name[name], value)
+    return words
+
+
+def checked_settings(words, where):
+    """Resolve the settings `words` give, as main_cil.py will: GridError if they cannot run."""
+    try:
+        ctx = _main_command().make_context("main_cil.py", list(words))
+        return resolve_settings(ctx)[0]
+    except (InputError, click.ClickException) as error:
+        message = error.format_message() if isinstance(error, click.ClickException) else error
+        raise GridError(f"{where}: {message}") from None
+
+
+def combinations(varied):
+    """Every combination of the varied values, in the grid file's order."""
     for values in itertools.product(*varied.values()):
-        combination = dict(zip(varied, values))
-        options = {**fixed, **combination}
-        args = [word for name, value in options.items()
-                for word in option_args(name, value, flags[name])]
-        jobs.append((job_id(combination), combination, args))
+        yield dict(zip(varied, values))
+
+
+def job_folder_name(combination):
+    """The job's folder inside the grid: its id; a fold of a varied "fold" is a fold run,
+    <id of the other values>/fold-<i>, so the folds of one setting share one cross-validated
+    run that gathers them."""
+    if "fold" not in combination:
+        return job_id(combination)
+    rest = {key: value for key, value in combination.items() if key != "fold"}
+    return f"{job_id(rest)}/{FOLD_PREFIX}{combination['fold']}"
+
+
+def expand(name, varied, fixed):
+    """[(job id, combination, words)] for every combination, in the grid file's order; each
+    job's settings are resolved, so a combination that cannot run is an error now."""
+    jobs, seen = [], {}
+    for combination in combinations(varied):
+        identity = job_folder_name(combination)
+        if identity in seen:
+            raise GridError(f"{name}: two jobs would be {identity}: {_canonical(seen[identity])} "
+                            f"and {_canonical(combination)}; drop the repeated value")
+        seen[identity] = combination
+        words = job_words({**fixed, **combination})
+        checked_settings(words, f"{name}: job {identity}")
+        jobs.append((identity, combination, words))
     return jobs
 
 
-def job_status(job_dir):
-    """finished, failed (exit N), submitted, or new."""
-    exit_file = job_dir / RUN / "exit_code"
-    if exit_file.is_file():
-        code = exit_file.read_text().strip()
-        return "finished" if code == "0" else f"failed (exit {code})"
-    return "submitted" if (job_dir / "submitted").is_file() else "new"
+# ---------------------------------------------------------------------------------------------
+# Job state
 
 
-def job_arguments(job_dir, args):
-    """The arguments to (re)start a job: its options, or --resume for a failed job that left a
-    checkpoint, or its options with --force over a failed job's partial run. Validation and
-    test outputs go inside the job folder: all jobs share the run name RUN, and --force must
-    not delete another job's outputs."""
-    run_dir = job_dir / RUN
-    outputs = ["--valid-output-dir", str(job_dir / "valid_output"),
-               "--submit-output-dir", str(job_dir / "submit_output")]
-    if (run_dir / "checkpoint/state.json").is_file():
-        return ["--resume", str(run_dir), *outputs]
-    if (run_dir / "config.json").is_file():
-        return [*args, *outputs, "--force"]
-    return [*args, *outputs]
+def _alive(owner):
+    """Whether the process {pid, host} recorded by this tool still runs (unknown on another
+    host: taken as alive)."""
+    if owner.get("host") != os.uname().nodename:
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
-def job_environment(job_dir):
-    """What cluster/run_job.sh needs to put a job's run folder inside its job folder."""
-    return {"LOGS_DIR": str(job_dir), "RUN_NAME": RUN}
+def _run_quietly(command):
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
-def resource_environment(resources, gpus):
-    env = {RESOURCES[key]: str(value) for key, value in resources.items()}
-    env["GPUS"] = str(gpus)
-    return env
+def scheduler_state(submitted):
+    """pending, running, or None once the scheduler no longer runs the job (or cannot be asked
+    from here: then "submitted")."""
+    scheduler, job = submitted.get("scheduler"), submitted.get("job_id")
+    if scheduler == "local" or job is None:
+        return "running" if _alive(submitted) else None
+    if not shutil.which({"slurm": "squeue", "lsf": "bjobs"}[scheduler]):
+        return "submitted"
+    if scheduler == "slurm":
+        answer = _run_quietly(["squeue", "-h", "-j", job, "-o", "%T"])
+        state = answer.stdout.strip().upper() if answer and answer.returncode == 0 else ""
+        if state in ("PENDING", "CONFIGURING", "REQUEUED", "RESV_DEL_HOLD", "REQUEUE_HOLD"):
+            return "pending"
+        if state in ("RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING"):
+            return "running"
+        return None
+    answer = _run_quietly(["bjobs", "-noheader", "-o", "stat", job])
+    state = answer.stdout.strip().upper() if answer and answer.returncode == 0 else ""
+    if state in ("PEND", "PSUSP", "WAIT"):
+        return "pending"
+    if state in ("RUN", "USUSP", "SSUSP", "PROV"):
+        return "running"
+    return None
 
 
-def write_job(job_dir, args, submit_line):
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / "args").write_text("".join(f"{word}\n" for word in args))
-    (job_dir / "submit.sh").write_text(f"#!/usr/bin/env bash\n# {job_dir.name}: how this job was "
-                                       f"submitted\ncd {shlex.quote(str(Path.cwd()))}\n"
-                                       f"{submit_line}\n")
+def job_status(folder):
+    """finished, failed (exit N), pending, running, submitted (no scheduler to ask here),
+    lost (the scheduler no longer runs it, and it left no exit code), or new."""
+    code = read_exit_code(folder)
+    if code is not None:
+        return "finished" if code == 0 else f"failed (exit {code})"
+    submitted = read_json(Path(folder) / SUBMITTED)
+    if submitted is not None:
+        return scheduler_state(submitted) or "lost"
+    return "running" if lock_owner(folder) else "new"
 
 
-def shell_line(env, command):
-    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()),
-                     *map(shlex.quote, command)])
+def claim(folder, scheduler):
+    """Mark the job as being submitted by this process (created exclusively: of two grid calls,
+    one wins); False when another call holds it."""
+    content = json.dumps(dict(scheduler=scheduler, job_id=None, pid=os.getpid(),
+                              host=os.uname().nodename,
+                              time=datetime.now().isoformat(timespec="seconds")))
+    try:
+        descriptor = os.open(Path(folder) / SUBMITTED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(descriptor, "w") as file:
+        file.write(content + "\n")
+    return True
 
 
-def run_local(job_dir, args):
-    """Run one job here, output into its run folder; returns its exit code."""
-    run_dir = job_dir / RUN
-    run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**job_environment(job_dir), "PYTHON": sys.executable}
-    with open(run_dir / "stdout", "w") as out, open(run_dir / "stderr", "w") as err:
-        return subprocess.run(["bash", "cluster/run_job.sh", *args], stdout=out, stderr=err,
-                              env={**os.environ, **env}).returncode
+def record_submission(folder, scheduler, identifier):
+    record = read_json(Path(folder) / SUBMITTED) or {}
+    write_json(Path(folder) / SUBMITTED, dict(record, scheduler=scheduler, job_id=identifier))
 
 
-def submit(env, command, job_dir):
-    """Run a submission command; the scheduler's answer is kept as the job's `submitted` mark."""
-    result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)
+def prepare(folder, words, run_outputs, placement):
+    """Make `folder` ready to (re)start: a failed or lost job with a checkpoint keeps its run
+    (the job resumes it), any other earlier attempt is moved aside; returns what it does.
+    `placement` (logs_dir, run_name) is where main_cil.py puts the run: the folder itself, or
+    for a fold, the cross-validated run it belongs to."""
+    status = job_status(folder) if folder.exists() else "new"
+    if status in ("finished", "pending", "running", "submitted"):
+        return None
+    resumable = read_state(folder) is not None
+    if folder.exists() and not resumable and any(folder.iterdir()):
+        for moved in (folder, *run_outputs):
+            if moved.exists():
+                set_aside(moved)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in (path(folder, "exit_code"), folder / SUBMITTED, path(folder, "lock")):
+        stale.unlink(missing_ok=True)          # the scheduler says it no longer runs
+    logs_dir, name = placement
+    write_json(path(folder, "job"), dict(args=list(words), logs_dir=str(logs_dir), run_name=name,
+                                         cwd=str(Path.cwd())))
+    return "resume" if resumable else "start"
+
+
+# ---------------------------------------------------------------------------------------------
+# Job commands: built as argument lists; for LSF, which runs the command through a shell, one
+# word quoted once.
+
+
+def job_command(folder):
+    """The command a scheduler runs for one job: this interpreter, this file, its folder."""
+    return [sys.executable, str(REPO / "grid_cil.py"), "job", str(Path(folder).resolve())]
+
+
+def lsf_submission(folder, job_name, resources, gpus):
+    hours, minutes = walltime_parts(resources["walltime"])
+    words = ["bsub", "-J", job_name, "-n", str(resources["cores"]), "-W", f"{hours}:{minutes:02d}",
+             "-R", "span[hosts=1]"]
+    rusage = f"mem={resources['mem_per_core']}"
+    clause = resources["gpu_clause"] or "rusage"
+    if clause not in GPU_CLAUSES["lsf"]:
+        raise GridError(f"resources gpu_clause {clause!r}: LSF takes rusage or gpu")
+    if gpus and clause == "rusage":
+        rusage += f", ngpus_excl_p={gpus}"
+    words += ["-R", f"rusage[{rusage}]"]
+    if gpus and clause == "gpu":
+        words += ["-gpu", f"num={gpus}"]
+    if resources["partition"]:
+        words += ["-q", resources["partition"]]
+    if resources["account"]:
+        words += ["-P", resources["account"]]
+    if resources["qos"]:
+        raise GridError("resources qos: LSF has no quality of service; drop it or use partition "
+                        "(the queue)")
+    output = Path(folder).resolve() / SCHEDULER_OUTPUT
+    return [*words, "-o", f"{output}/lsf-%J.out", shlex.join(job_command(folder))]
+
+
+def slurm_resources(resources, gpus):
+    hours, minutes = walltime_parts(resources["walltime"])
+    words = [f"--cpus-per-task={resources['cores']}", f"--mem-per-cpu={resources['mem_per_core']}",
+             f"--time={hours}:{minutes:02d}:00"]
+    clause = resources["gpu_clause"] or "gres"
+    if clause not in GPU_CLAUSES["slurm"]:
+        raise GridError(f"resources gpu_clause {clause!r}: SLURM takes gres or gpus")
+    if gpus:
+        words.append(f"--gres=gpu:{gpus}" if clause == "gres" else f"--gpus={gpus}")
+    for key in ("partition", "account", "qos"):
+        if resources[key]:
+            words.append(f"--{key}={resources[key]}")
+    return words
+
+
+def submit(command, what):
+    """Run a submission command; its answer, or GridError with the scheduler's words."""
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
-        raise GridError(f"{' '.join(command)} failed ({result.returncode}): "
+        raise GridError(f"{command[0]} refused {what} ({result.returncode}): "
                         f"{(result.stderr or result.stdout).strip()}")
-    for folder in job_dir if isinstance(job_dir, list) else [job_dir]:
-        (folder / "submitted").write_text(result.stdout)
     return result.stdout.strip()
 
 
-def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_DIR):
-    if not Path("main_cil.py").is_file():
-        raise GridError("run grid_cil.py from the repository root, where main_cil.py is: jobs "
-                        "and cluster scripts use paths relative to it")
-    varied, fixed, resources = load_grid(grid_file)
+LSF_JOB_ID = re.compile(r"Job <(\d+)>")
+
+
+def submit_lsf(folder, job_name, resources, gpus, dry_run):
+    command = lsf_submission(folder, job_name, resources, gpus)
+    if dry_run:
+        return shlex.join(command)
+    (Path(folder) / SCHEDULER_OUTPUT).mkdir(exist_ok=True)
+    answer = submit(command, folder.name)
+    match = LSF_JOB_ID.search(answer)
+    record_submission(folder, "lsf", match.group(1) if match else None)
+    return answer
+
+
+def submit_slurm_array(grid_dir, folders, job_name, resources, gpus, dry_run):
+    """One array for jobs of the same resources; its task list is a new file that a later
+    submission never rewrites, so a queued task runs the job it was submitted for."""
+    arrays = (grid_dir / ARRAYS_DIR).resolve()
+    output = (grid_dir / SCHEDULER_OUTPUT).resolve()
+    listing = arrays / "NNNN.json"
+    if not dry_run:
+        arrays.mkdir(exist_ok=True)
+        output.mkdir(exist_ok=True)
+        listing = _new_task_list(arrays, [str(Path(folder).resolve()) for folder in folders])
+    task = [sys.executable, str(REPO / "grid_cil.py"), "job", "--array", str(listing)]
+    command = ["sbatch", "--parsable", f"--job-name={job_name}", f"--array=0-{len(folders) - 1}",
+               *slurm_resources(resources, gpus), f"--output={output}/slurm-%A_%a.out",
+               f"--chdir={REPO}", "--export=ALL", f"--wrap={shlex.join(task)}"]
+    if dry_run:
+        return shlex.join(command)
+    try:
+        answer = submit(command, f"the array of {len(folders)} job(s)")
+    except GridError:
+        listing.unlink()
+        raise
+    array_id = answer.split(";")[0]
+    for index, folder in enumerate(folders):
+        record_submission(folder, "slurm", f"{array_id}_{index}")
+    return f"array {array_id} of {len(folders)} job(s)"
+
+
+def _new_task_list(arrays, folders):
+    """A task list under a number no other submission has used (created exclusively)."""
+    number = len(list(arrays.glob("*.json")))
+    while True:
+        listing = arrays / f"{number:04d}.json"
+        try:
+            with open(listing, "x") as file:
+                json.dump(folders, file)
+            return listing
+        except FileExistsError:
+            number += 1
+
+
+def submit_slurm_single(folder, job_name, resources, gpus, dry_run):
+    output = (Path(folder) / SCHEDULER_OUTPUT).resolve()
+    if not dry_run:
+        output.mkdir(exist_ok=True)
+    command = ["sbatch", "--parsable", f"--job-name={job_name}",
+               *slurm_resources(resources, gpus), f"--output={output}/slurm-%j.out",
+               f"--chdir={REPO}", "--export=ALL", f"--wrap={shlex.join(job_command(folder))}"]
+    if dry_run:
+        return shlex.join(command)
+    answer = submit(command, folder.name)
+    record_submission(folder, "slurm", answer.split(";")[0])
+    return f"job {answer.split(';')[0]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a grid
+
+
+def _scheduler_available(scheduler, dry_run):
     if scheduler != "local" and not dry_run and not shutil.which(SUBMITTERS[scheduler]):
         raise GridError(f"{SUBMITTERS[scheduler]} not found: --scheduler {scheduler} needs an "
                         f"{scheduler.upper()} login node; use --scheduler local here")
-    grid_dir = jobs_dir / Path(grid_file).stem
+
+
+def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_DIR):
+    name, varied, fixed, resources = load_grid(grid_file)
+    jobs = expand(name, varied, fixed)
+    _scheduler_available(scheduler, dry_run)
+    grid_dir = Path(jobs_dir) / name
     grid_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(grid_file, grid_dir / "grid.json")
+    write_json(grid_dir / "grid.json", json.loads(Path(grid_file).read_text()))
+    outputs = ["--valid-output-dir", str(grid_dir / "valid_output"),
+               "--submit-output-dir", str(grid_dir / "submit_output")]
     todo = []
-    for name, combination, args in expand(varied, fixed):
-        job_dir = grid_dir / name
-        status = job_status(job_dir)
-        if status in ("finished", "submitted"):
-            click.echo(f"{name}: {status}, skipped")
+    for identity, combination, words in jobs:
+        folder = grid_dir / identity
+        placement = (grid_dir, identity.split("/")[0])
+        action = prepare(folder, [*words, *outputs],
+                         [grid_dir / "valid_output" / identity,
+                          grid_dir / "submit_output" / identity],
+                         placement) if not dry_run else "start"
+        if action is None:
+            click.echo(f"{identity}: {job_status(folder)}, skipped")
             continue
-        todo.append((job_dir, job_arguments(job_dir, args), int({**fixed, **combination}.get(
-            "gpus", 1) or 0)))
+        if not dry_run and not claim(folder, scheduler):
+            click.echo(f"{identity}: taken by another grid call, skipped")
+            continue
+        gpus = {**fixed, **combination}.get("gpus") or 0
+        todo.append((folder, gpus, action, identity))
     if not todo:
         click.echo(f"{grid_dir}: nothing to run")
         return grid_dir
     if scheduler == "local":
-        _run_all_locally(todo, dry_run, parallel)
+        _run_locally(todo, dry_run, parallel)
     elif scheduler == "lsf":
-        for job_dir, args, gpus in todo:
-            env = {**resource_environment(resources, gpus), **job_environment(job_dir),
-                   "JOB_NAME": f"{grid_dir.name}/{job_dir.name}"}
-            command = ["bash", str(SCRIPTS["lsf"]), *args]
-            write_job(job_dir, args, shell_line(env, command))
-            click.echo(shell_line(env, command) if dry_run else
-                       f"{job_dir.name}: {submit(env, command, job_dir)}")
+        for folder, gpus, action, identity in todo:
+            answer = submit_lsf(folder, f"{name}/{identity}", resources, gpus, dry_run)
+            click.echo(f"{identity} ({action}): {answer}" if not dry_run else answer)
     else:
-        _submit_slurm_arrays(grid_dir, todo, resources, dry_run)
+        for gpus in sorted({job[1] for job in todo}):
+            group = [job for job in todo if job[1] == gpus]
+            answer = submit_slurm_array(grid_dir, [job[0] for job in group], name, resources,
+                                        gpus, dry_run)
+            click.echo(answer if dry_run else f"{answer} with {gpus} GPU(s): "
+                       f"{', '.join(job[3] for job in group)}")
     return grid_dir
 
 
-def _run_all_locally(todo, dry_run, parallel):
-    for job_dir, args, _ in todo:
-        write_job(job_dir, args, shell_line(job_environment(job_dir),
-                                            ["bash", "cluster/run_job.sh", *args]))
-        if dry_run:
-            click.echo((job_dir / "submit.sh").read_text().splitlines()[-1])
+def _run_locally(todo, dry_run, parallel):
     if dry_run:
+        for folder, *_ in todo:
+            click.echo(shlex.join(job_command(folder)))
         return
+
+    def one(job):
+        folder = job[0]
+        record_submission(folder, "local", "local")
+        return subprocess.run(job_command(folder)).returncode
+
     with ThreadPoolExecutor(parallel) as pool:
-        for (job_dir, _, _), code in zip(todo, pool.map(lambda job: run_local(job[0], job[1]),
-                                                        todo)):
-            click.echo(f"{job_dir.name}: {'finished' if code == 0 else f'failed (exit {code})'}")
+        for (_, _, action, identity), code in zip(todo, pool.map(one, todo)):
+            click.echo(f"{identity} ({action}): "
+                       f"{'finished' if code == 0 else f'failed (exit {code})'}")
 
 
-def _submit_slurm_arrays(grid_dir, todo, resources, dry_run):
-    """One job array per GPU count (an array shares its resources)."""
-    for gpus in sorted({gpus for _, _, gpus in todo}):
-        group = [(job_dir, args) for job_dir, args, g in todo if g == gpus]
-        listing = grid_dir / f"array-gpus{gpus}.txt"
-        listing.write_text("".join(f"{job_dir}\n" for job_dir, _ in group))
-        env = {**resource_environment(resources, gpus), "ARRAY_JOBS": str(listing),
-               "JOB_NAME": grid_dir.name}
-        command = ["bash", str(SCRIPTS["slurm"])]
-        for index, (job_dir, args) in enumerate(group):
-            write_job(job_dir, args, f"# task {index} of this array\n{shell_line(env, command)}")
-        if dry_run:
-            click.echo(shell_line(env, command))
-        else:
-            click.echo(f"array of {len(group)} jobs with {gpus} GPU(s): "
-                       f"{submit(env, command, [job_dir for job_dir, _ in group])}")
+# ---------------------------------------------------------------------------------------------
+# Inside a job
+
+
+def job_run_words(folder, job):
+    """main_cil.py's arguments for the job in `folder`: resume its checkpoint, or start it with
+    its arguments, its run placed as job.json says (these words come last and win)."""
+    if read_state(folder) is not None:
+        return [f"--resume={folder}"]
+    return [*job["args"], f"--logs-dir={job['logs_dir']}", f"--run-name={job['run_name']}"]
+
+
+def run_job(folder):
+    """Run main_cil.py for the job in `folder` with the arguments of its job.json (or resume its
+    checkpoint), from the folder it was submitted in, its output into the folder's stdout and
+    stderr; forward a stop signal and wait for it to save, then record the exit code. Returns
+    the exit code."""
+    folder = Path(folder).resolve()
+    job = read_json(path(folder, "job"))
+    if job is None:
+        raise GridError(f"{folder}: no {path(folder, 'job').name}; is it a job folder?")
+    path(folder, "exit_code").unlink(missing_ok=True)
+    words = job_run_words(folder, job)
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(path(folder, "stdout"), "a") as out, open(path(folder, "stderr"), "a") as err:
+        # in the folder the job was submitted from, where its relative paths start
+        child = subprocess.Popen([sys.executable, str(REPO / "main_cil.py"), *words],
+                                 cwd=job["cwd"], stdout=out, stderr=err, env=environment)
+        previous = {number: signal.signal(number, lambda n, f: child.send_signal(n))
+                    for number in STOP_SIGNALS}
+        try:
+            code = child.wait()
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+    code = 128 - code if code < 0 else code          # killed by signal N: 128 + N, as a shell
+    path(folder, "exit_code").write_text(f"{code}\n")
+    return code
+
+
+def run_array_task(listing):
+    """The job of this SLURM array task: line SLURM_ARRAY_TASK_ID of the array's task list."""
+    folders = json.loads(Path(listing).read_text())
+    return run_job(folders[int(os.environ["SLURM_ARRAY_TASK_ID"])])
 
 
 # ---------------------------------------------------------------------------------------------
 # Summary
 
 
-def _read_json(path):
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def summary_rows(grid_dir, metric=DEFAULT_METRIC):
-    """(columns, rows) of every job of a grid, finished ones by `metric`, best first."""
-    varied, fixed, _ = load_grid(grid_dir / "grid.json")
-    finished, others = [], []
-    for name, combination, _ in expand(varied, fixed):
-        run_dir = grid_dir / name / RUN
-        metrics, config = _read_json(run_dir / "metrics.json"), _read_json(run_dir / "config.json")
-        valid = metrics.get("valid", {})
-        row = dict(job=name, status=job_status(grid_dir / name), **combination,
-                   **{metric: valid.get(metric), "f1": valid.get("f1"),
-                      "best_epoch": metrics.get("best_epoch"),
-                      "epochs": metrics.get("epochs_run"),
-                      "s_per_epoch": metrics.get("seconds_per_epoch"),
-                      "gpus": config.get("gpus") if config else combination.get("gpus")})
+    """(columns, rows) of every job of a grid, finished ones by `metric`, best first. A
+    cross-validated job is ranked by the mean over its folds, with their spread (sd), and shows
+    the out-of-fold value over all images; folds run as jobs of their own count as one row."""
+    _, varied, _, _ = load_grid(grid_dir / "grid.json")
+    shown = [key for key in varied if key != "fold"]
+    finished, others, seen = [], [], set()
+    for combination in combinations(varied):     # what ran, not checked again
+        identity = job_folder_name(combination).split("/")[0]
+        if identity in seen:
+            continue
+        seen.add(identity)
+        folder = grid_dir / identity
+        metrics = read_metrics(folder)
+        row = dict(job=identity, **{key: _plain(combination[key]) for key in shown})
+        cross = metrics.get("cross_validation")
+        if cross:
+            spread = cross["spread"].get(metric, {})
+            row.update(status="finished", **{metric: spread.get("mean"), "sd": spread.get("sd"),
+                                             "all_images": cross["oof"].get(metric)},
+                       f1=cross["oof"].get("f1"), best_epoch=cross["median_best_epoch"])
+        else:
+            row.update(status=_status(folder, varied), **{metric: metrics.get("valid", {}).get(
+                metric)}, f1=metrics.get("valid", {}).get("f1"),
+                best_epoch=metrics.get("best_epoch"), epochs=metrics.get("epochs_run"),
+                s_per_epoch=metrics.get("seconds_per_epoch"))
         (finished if row["status"] == "finished" and row[metric] is not None
          else others).append(row)
     finished.sort(key=lambda row: row[metric], reverse=True)
-    columns = ["job", "status", *varied, metric, "f1", "best_epoch", "epochs", "s_per_epoch",
-               "gpus"]
-    return columns, finished + others
+    rows = finished + others
+    spread = ["sd", "all_images"] if any("sd" in row for row in rows) else []
+    columns = ["job", "status", *shown, *[c for c in (metric, *spread, "f1", "best_epoch",
+                                                     "epochs", "s_per_epoch") if c not in shown]]
+    return columns, rows
+
+
+def _status(folder, varied):
+    """A job's status; for folds run as jobs: how many finished, and the command that gathers
+    them once all have."""
+    if "fold" not in varied:
+        return job_status(folder)
+    states = [job_status(fold_folder(folder, fold)) for fold in varied["fold"]]
+    done = states.count("finished")
+    if done < len(states):
+        return f"{done}/{len(states)} folds finished"
+    return f"folds finished; gather: python main_cil.py --resume {folder}"
 
 
 def _cell(value):
@@ -314,25 +661,26 @@ class GridCommands(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=GridCommands)
+@click.group(cls=GridCommands, context_settings=dict(help_option_names=["-h", "--help"]))
 def main():
-    """Run a grid of main_cil.py jobs, or summarise one."""
+    """Run a grid of main_cil.py jobs, submit one run to a cluster, or summarise a grid."""
 
 
 def _report(action):
     try:
-        action()
-    except GridError as error:
+        result = action()
+    except (GridError, InputError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
+    if isinstance(result, int):
+        sys.exit(result)
 
 
 @main.command("run")
 @click.argument("grid_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--scheduler", type=click.Choice(SCHEDULERS), default="local", show_default=True,
               help="lsf: one bsub per job; slurm: one sbatch array; local: run here.")
-@click.option("--dry-run", is_flag=True, help="Write the job folders, print the commands, submit "
-              "nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the commands, submit nothing.")
 @click.option("--parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local jobs run at the same time.")
 @click.option("--jobs-dir", type=click.Path(path_type=Path), default=JOBS_DIR, show_default=True,
@@ -340,7 +688,7 @@ def _report(action):
 def run_command(grid_file, scheduler, dry_run, parallel, jobs_dir):
     """Expand GRID_FILE into jobs and run or submit the ones not finished."""
     _report(lambda: run_grid(grid_file, scheduler, dry_run=dry_run, parallel=parallel,
-                             jobs_dir=jobs_dir))
+                             jobs_dir=jobs_dir) and None)
 
 
 @main.command("summary")
@@ -350,6 +698,67 @@ def run_command(grid_file, scheduler, dry_run, parallel, jobs_dir):
 def summary_command(grid_dir, metric):
     """Write post_output.md and .tsv for GRID_DIR and print the table."""
     _report(lambda: click.echo(write_summary(grid_dir, metric)))
+
+
+def resources_from_environment(scheduler):
+    """Resources of a single run from the scripts' environment variables."""
+    resources = {}
+    for key, variable in RESOURCE_VARIABLES.items():
+        value = os.environ.get(variable)
+        if value:
+            resources[key] = int(value) if key in ("cores", "mem_per_core") and value.isdigit() \
+                else value
+    return check_resources(resources, "environment")
+
+
+def submit_single(scheduler, words, dry_run):
+    """Submit one main_cil.py run; its run folder (logs/<run>) holds the job's files."""
+    _scheduler_available(scheduler, dry_run)
+    settings = checked_settings(words, "main_cil.py options")
+    resources = resources_from_environment(scheduler)
+    reserved = os.environ.get("GPUS")
+    gpus = settings.gpus if settings.gpus is not None else int(reserved or 0)
+    if reserved and settings.gpus is not None and settings.gpus != int(reserved):
+        raise GridError(f"GPUS={reserved} reserves {reserved} GPU(s) but --gpus {settings.gpus} "
+                        "trains on another number; make them agree")
+    name = settings.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{scheduler}"
+    check_run_name(name)
+    folder = Path(settings.logs_dir) / name
+    if folder.exists() and any(folder.iterdir()):
+        raise GridError(f"{folder}: exists; pass another --run-name (or resume it with "
+                        f"--resume {folder})")
+    ctx = _main_command().make_context("main_cil.py", list(words))
+    options = {option.name: ctx.params[option.name] for option in OPTIONS
+               if ctx.get_parameter_source(option.name).name == "COMMANDLINE"
+               and option.name not in ("run_name", "logs_dir")}
+    if gpus and "gpus" not in options:
+        options["gpus"] = gpus                 # train on what the job reserves
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path(folder, "job"), dict(args=job_words(options), logs_dir=str(folder.parent),
+                                         run_name=name, cwd=str(Path.cwd())))
+    claim(folder, scheduler)
+    if scheduler == "lsf":
+        answer = submit_lsf(folder, name, resources, gpus, dry_run)
+    else:
+        answer = submit_slurm_single(folder, name, resources, gpus, dry_run)
+    click.echo(answer if dry_run else f"{folder}: {answer}")
+
+
+@main.command("submit", context_settings=dict(ignore_unknown_options=True))
+@click.argument("scheduler", type=click.Choice(("lsf", "slurm")))
+@click.argument("words", nargs=-1, type=click.UNPROCESSED)
+@click.option("--dry-run", is_flag=True, help="Print the command, submit nothing.")
+def submit_command(scheduler, words, dry_run):
+    """Submit one main_cil.py run with WORDS (after --) to LSF or SLURM."""
+    _report(lambda: submit_single(scheduler, words, dry_run))
+
+
+@main.command("job")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--array", "listing", is_flag=True, help="FOLDER is a SLURM array's task list.")
+def job_command_line(folder, listing):
+    """Inside a job: run main_cil.py in FOLDER as its job.json says; record the exit code."""
+    _report(lambda: run_array_task(folder) if listing else run_job(folder))
 
 
 if __name__ == "__main__":

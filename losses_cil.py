@@ -8,28 +8,16 @@ Both classes are registered, so `keras.models.load_model` reloads a saved run wi
 import keras
 from keras import ops
 
-PATCH_SIZE = 16              # the Kaggle grader scores 16x16 patches
-PATCH_THRESHOLD = 0.25       # a patch is road when its mean mask value exceeds this
-PIXEL_THRESHOLD = 0.5        # probability from which a pixel counts as foreground
+from mask_to_submission import FOREGROUND_THRESHOLD, PATCH_SIZE
+from settings_cil import (METRIC_KINDS, PATCH_METRIC_KINDS, PIXEL_THRESHOLD, metric_name,
+                          parse_loss)
+
 EPSILON = 1e-7               # keeps log() and divisions finite at predictions of exactly 0 or 1
 DICE_SMOOTH = 1.0            # NVIDIA's dice_coe smoothing: an empty mask predicted empty scores 1
 ADAPTIVE_SWITCH = 0.3        # NVIDIA's adaptive loss uses Dice once the Dice loss is below this
 FOCAL_ALPHA = 0.25           # Lin et al. 2017, the weight of the foreground term
 FOCAL_GAMMA = 2.0            # Lin et al. 2017, how much easy pixels are down-weighted
 PATCH_F1_SHARPNESS = 0.05    # width of the sigmoid that stands in for "patch mean > 0.25"
-
-LOSS_TERMS = ("bce", "dice", "bce_dice", "jaccard", "focal", "weighted_bce", "adaptive", "patch_f1")
-METRIC_KINDS = ("precision", "recall", "f1", "iou", "accuracy")
-
-
-def parse_loss(spec):
-    """The terms of a loss spec like "bce_dice" or "bce+patch_f1", each one of LOSS_TERMS."""
-    terms = [term.strip() for term in spec.split("+")]
-    for term in terms:
-        if term not in LOSS_TERMS:
-            raise ValueError(f"--loss {spec}: {term!r} is not a loss; choose from "
-                             f"{', '.join(LOSS_TERMS)}, or add two with '+'")
-    return terms
 
 
 def _one_hot(y_true, classes):
@@ -39,14 +27,17 @@ def _one_hot(y_true, classes):
     return ops.one_hot(ops.cast(y_true[..., 0], "int32"), classes)
 
 
-def _cross_entropy(target, prob, classes, class_weights):
+# Every loss term takes (target, probabilities, the SegmentationLoss for its settings).
+
+
+def _cross_entropy(target, prob, loss):
     """Mean pixel cross-entropy; class_weights scale each class's pixels (None: all 1)."""
     prob = ops.clip(prob, EPSILON, 1 - EPSILON)
-    if classes == 1:
-        w0, w1 = class_weights or (1.0, 1.0)
+    if loss.classes == 1:
+        w0, w1 = loss.class_weights or (1.0, 1.0)
         per_pixel = -(w1 * target * ops.log(prob) + w0 * (1 - target) * ops.log(1 - prob))
         return ops.mean(per_pixel)
-    weights = ops.convert_to_tensor(class_weights or [1.0] * classes, "float32")
+    weights = ops.convert_to_tensor(loss.class_weights or [1.0] * loss.classes, "float32")
     return ops.mean(ops.sum(-target * ops.log(prob) * weights, axis=-1))
 
 
@@ -57,25 +48,36 @@ def _overlap(target, prob):
             ops.sum(prob, axis=axes))
 
 
-def _dice_loss(target, prob):
+def _dice_loss(target, prob, loss=None):
     """1 - soft Sørensen-Dice over the batch, averaged over classes."""
     both, true_sum, pred_sum = _overlap(target, prob)
     return 1 - ops.mean((2 * both + DICE_SMOOTH) / (true_sum + pred_sum + DICE_SMOOTH))
 
 
-def _jaccard_loss(target, prob):
+def _bce_dice_loss(target, prob, loss):
+    return _cross_entropy(target, prob, loss) + _dice_loss(target, prob)
+
+
+def _jaccard_loss(target, prob, loss):
     """1 - soft IoU over the batch, averaged over classes."""
     both, true_sum, pred_sum = _overlap(target, prob)
     return 1 - ops.mean((both + DICE_SMOOTH) / (true_sum + pred_sum - both + DICE_SMOOTH))
 
 
-def _focal_loss(target, prob, classes, alpha, gamma):
+def _focal_loss(target, prob, loss):
     prob = ops.clip(prob, EPSILON, 1 - EPSILON)
-    if classes == 1:
+    alpha, gamma = loss.focal_alpha, loss.focal_gamma
+    if loss.classes == 1:
         positive = -alpha * target * (1 - prob) ** gamma * ops.log(prob)
         negative = -(1 - alpha) * (1 - target) * prob ** gamma * ops.log(1 - prob)
         return ops.mean(positive + negative)
     return ops.mean(ops.sum(-target * (1 - prob) ** gamma * ops.log(prob), axis=-1))
+
+
+def _adaptive_loss(target, prob, loss):
+    """NVIDIA's rule: cross-entropy while the Dice loss is at least ADAPTIVE_SWITCH, then Dice."""
+    dice = _dice_loss(target, prob)
+    return ops.where(dice < ADAPTIVE_SWITCH, dice, _cross_entropy(target, prob, loss))
 
 
 def patch_means(x):
@@ -83,13 +85,25 @@ def patch_means(x):
     return ops.average_pool(x, PATCH_SIZE, strides=PATCH_SIZE, padding="valid")
 
 
-def _patch_f1_loss(target, prob):
+def _patch_f1_loss(target, prob, loss):
     """1 - soft F1 of the Kaggle patch labels: the rule "patch mean > 0.25" is applied to the
     truth and replaced by a steep sigmoid for the prediction, so it has a gradient."""
-    truth = ops.cast(patch_means(target) > PATCH_THRESHOLD, "float32")
-    soft = ops.sigmoid((patch_means(prob) - PATCH_THRESHOLD) / PATCH_F1_SHARPNESS)
+    truth = ops.cast(patch_means(target) > FOREGROUND_THRESHOLD, "float32")
+    soft = ops.sigmoid((patch_means(prob) - FOREGROUND_THRESHOLD) / PATCH_F1_SHARPNESS)
     both = ops.sum(truth * soft)
     return 1 - (2 * both + DICE_SMOOTH) / (ops.sum(truth) + ops.sum(soft) + DICE_SMOOTH)
+
+
+LOSS_FUNCTIONS = {                           # one per name of settings_cil.LOSS_TERMS
+    "bce": _cross_entropy,
+    "weighted_bce": _cross_entropy,          # with the weights resolved by the caller
+    "dice": _dice_loss,
+    "bce_dice": _bce_dice_loss,
+    "jaccard": _jaccard_loss,
+    "focal": _focal_loss,
+    "adaptive": _adaptive_loss,
+    "patch_f1": _patch_f1_loss,
+}
 
 
 @keras.saving.register_keras_serializable(package="cil")
@@ -116,28 +130,10 @@ class SegmentationLoss(keras.losses.Loss):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
 
-    def _term(self, term, target, prob):
-        if term in ("bce", "weighted_bce"):
-            return _cross_entropy(target, prob, self.classes, self.class_weights)
-        if term == "dice":
-            return _dice_loss(target, prob)
-        if term == "bce_dice":
-            return (_cross_entropy(target, prob, self.classes, self.class_weights)
-                    + _dice_loss(target, prob))
-        if term == "jaccard":
-            return _jaccard_loss(target, prob)
-        if term == "focal":
-            return _focal_loss(target, prob, self.classes, self.focal_alpha, self.focal_gamma)
-        if term == "adaptive":
-            dice = _dice_loss(target, prob)
-            return ops.where(dice < ADAPTIVE_SWITCH, dice,
-                             _cross_entropy(target, prob, self.classes, self.class_weights))
-        return _patch_f1_loss(target, prob)
-
     def call(self, y_true, y_pred):
         target = _one_hot(y_true, self.classes)
         prob = ops.cast(y_pred, "float32")
-        total = sum(self._term(term, target, prob) for term in self.terms)
+        total = sum(LOSS_FUNCTIONS[term](target, prob, self) for term in self.terms)
         # One value per image, not a scalar: Keras divides per-image losses by the number of
         # replicas before summing gradients across them, but passes scalars through unscaled.
         return total * ops.ones_like(prob[:, 0, 0, 0])
@@ -172,19 +168,22 @@ class SegmentationMetric(keras.metrics.Metric):
 
     Counts accumulate per class, summed over replicas, so the result over a dataset is the
     result on one batch holding all of it. With `patch=True` the counts are over the Kaggle
-    16x16 patch labels instead of pixels (binary tasks). For several classes, `class_id` picks
+    16x16 patch labels instead of pixels (binary tasks): the truth's by the grader's rule, the
+    prediction's by `patch_threshold`, the submitter's choice. For several classes, `class_id` picks
     one class; otherwise `average` is "macro" (mean over classes) or "micro" (pooled counts).
     A binary task scores its foreground class.
     """
 
     def __init__(self, kind="f1", classes=1, class_id=None, average="macro", patch=False,
-                 threshold=PIXEL_THRESHOLD, name=None, **kwargs):
+                 threshold=PIXEL_THRESHOLD, patch_threshold=FOREGROUND_THRESHOLD, name=None,
+                 **kwargs):
         if kind not in METRIC_KINDS:
             raise ValueError(f"metric kind {kind!r}; choose from {', '.join(METRIC_KINDS)}")
         super().__init__(name=name or metric_name(kind, classes, class_id, average, patch),
                          **kwargs)
         self.kind, self.classes, self.class_id = kind, classes, class_id
         self.average, self.patch, self.threshold = average, patch, threshold
+        self.patch_threshold = patch_threshold
         width = max(classes, 2)
         self.counts = {part: self.add_variable(shape=(width,), initializer="zeros", name=part,
                                                aggregation="sum")
@@ -196,8 +195,8 @@ class SegmentationMetric(keras.metrics.Metric):
             truth = ops.cast(y_true >= 0.5, "float32")
             pred = ops.cast(y_pred >= self.threshold, "float32")
             if self.patch:
-                truth = ops.cast(patch_means(truth) > PATCH_THRESHOLD, "float32")
-                pred = ops.cast(patch_means(pred) > PATCH_THRESHOLD, "float32")
+                truth = ops.cast(patch_means(truth) > FOREGROUND_THRESHOLD, "float32")
+                pred = ops.cast(patch_means(pred) > self.patch_threshold, "float32")
             truth = ops.concatenate([1 - truth, truth], axis=-1)
             pred = ops.concatenate([1 - pred, pred], axis=-1)
         else:
@@ -252,41 +251,25 @@ class SegmentationMetric(keras.metrics.Metric):
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "classes": self.classes,
                 "class_id": self.class_id, "average": self.average, "patch": self.patch,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "patch_threshold": self.patch_threshold}
 
 
-def metric_name(kind, classes=1, class_id=None, average="macro", patch=False):
-    """Names as Keras logs them: f1, patch_f1, iou_2, mean_iou, micro_f1 ..."""
-    if patch:
-        return f"patch_{kind}"
-    if classes == 1 or kind == "accuracy":
-        return kind
-    if class_id is not None:
-        return f"{kind}_{class_id}"
-    if kind == "iou":
-        return "mean_iou" if average == "macro" else "micro_iou"
-    return kind if average == "macro" else f"micro_{kind}"
-
-
-def training_metrics(classes, threshold=PIXEL_THRESHOLD):
+def training_metrics(classes, threshold=PIXEL_THRESHOLD, patch_threshold=FOREGROUND_THRESHOLD):
     """What fit() tracks: the monitor candidates without per-class detail."""
     if classes == 1:
         return ([SegmentationMetric(kind, threshold=threshold) for kind in METRIC_KINDS]
-                + [SegmentationMetric(kind, patch=True, threshold=threshold)
-                   for kind in ("accuracy", "f1")])
+                + [SegmentationMetric(kind, patch=True, threshold=threshold,
+                                      patch_threshold=patch_threshold)
+                   for kind in PATCH_METRIC_KINDS])
     return [SegmentationMetric(kind, classes) for kind in METRIC_KINDS]
 
 
-def evaluation_metrics(classes, threshold=PIXEL_THRESHOLD):
+def evaluation_metrics(classes, threshold=PIXEL_THRESHOLD, patch_threshold=FOREGROUND_THRESHOLD):
     """The full table after training: training_metrics plus micro means and per-class rows."""
     if classes == 1:
-        return training_metrics(classes, threshold)
+        return training_metrics(classes, threshold, patch_threshold)
     per_class = [SegmentationMetric(kind, classes, class_id=index)
                  for index in range(classes) for kind in ("precision", "recall", "f1", "iou")]
     micro = [SegmentationMetric(kind, classes, average="micro")
              for kind in ("precision", "recall", "f1", "iou")]
     return training_metrics(classes) + micro + per_class
-
-
-def default_monitor(classes):
-    return "val_f1" if classes == 1 else "val_mean_iou"

@@ -14,32 +14,47 @@ from pathlib import Path
 import click
 import numpy as np
 
-from data_cil import IMAGE_EXTENSIONS, InputError, image_number, read_array, write_atomically, \
-    write_png
+from data_cil import (IMAGE_EXTENSIONS, InputError, image_number, read_array, write_atomically,
+                      write_png)
 
+# The Kaggle facts, here and nowhere else (losses_cil and predict_cil import them).
 PATCH_SIZE = 16              # the grader scores 16x16 patches
 FOREGROUND_THRESHOLD = 0.25  # a patch is road when its mean mask value exceeds this
 HEADER = "id,prediction"
 
 
-def mask_fraction(array):
-    """A mask file's pixels scaled to 0..1 (grey; colour channels averaged, alpha dropped)."""
+def mask_fraction(array, path="mask"):
+    """A mask file's pixels as 0..1 floats: 0/1 masks as they are, 8-bit ones over 255, 16-bit
+    ones over 65535, floats in 0..1 as they are (grey; colour channels averaged, alpha dropped).
+    Anything else is InputError: a guessed scale would write a silently wrong CSV."""
     if array.ndim == 3:
-        array = array[..., :3 if array.shape[-1] >= 3 else 1].mean(axis=-1)
-    if array.dtype == bool:
+        array = array[..., :3 if array.shape[-1] >= 3 else 1].mean(axis=-1).astype(array.dtype)
+    if array.dtype == bool or (array.size and array.min() >= 0 and array.max() <= 1):
         return array.astype(np.float64)
-    if np.issubdtype(array.dtype, np.integer):
-        return array / np.iinfo(array.dtype).max
-    return array.astype(np.float64)
+    if array.dtype == np.uint8:
+        return array / 255
+    if array.dtype == np.uint16 and array.max() > 255:
+        return array / 65535
+    raise InputError(f"{path}: mask values {array.min()}..{array.max()} ({array.dtype}) are "
+                     "neither 0/1, 8-bit 0..255, 16-bit 0..65535 nor floats in 0..1; save the "
+                     "masks as 8-bit PNGs with road 255")
+
+
+def patch_means(mask, patch_size=PATCH_SIZE):
+    """(rows, cols) of the mean of each patch of a (H, W) mask. Patches at the right and bottom
+    edges may be partial, as in the course's script, and average what they hold."""
+    mask = np.asarray(mask, np.float64)
+    starts_y, starts_x = np.arange(0, mask.shape[0], patch_size), np.arange(0, mask.shape[1],
+                                                                            patch_size)
+    sums = np.add.reduceat(np.add.reduceat(mask, starts_y, axis=0), starts_x, axis=1)
+    heights = np.diff(np.append(starts_y, mask.shape[0]))
+    widths = np.diff(np.append(starts_x, mask.shape[1]))
+    return sums / np.outer(heights, widths)
 
 
 def patch_labels(mask, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD):
-    """(rows, cols) of 0/1: 1 where the patch's mean (0..1) is strictly above `threshold`.
-    Patches at the right and bottom edges may be partial, as in the course's script."""
-    rows = range(0, mask.shape[0], patch_size)
-    cols = range(0, mask.shape[1], patch_size)
-    return np.array([[int(mask[y:y + patch_size, x:x + patch_size].mean() > threshold)
-                      for x in cols] for y in rows], np.uint8)
+    """(rows, cols) of 0/1: 1 where the patch's mean (0..1) is strictly above `threshold`."""
+    return (patch_means(mask, patch_size) > threshold).astype(np.uint8)
 
 
 def submission_lines(masks, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD):
@@ -75,8 +90,11 @@ def _mask_files(folder):
 
 
 def check_output_path(path, force):
-    """Refuse a missing folder, or an existing file unless `force`."""
+    """Refuse a missing folder, a folder as the file, or an existing file unless `force`."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; name the CSV file to write, e.g. "
+                         f"{path / 'submission.csv'}")
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist; create it or choose "
                          "another output path")
@@ -96,7 +114,7 @@ def write_submission(csv_path, masks, *, patch_size=PATCH_SIZE, threshold=FOREGR
 def masks_to_csv(mask_dir, csv_path, *, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD,
                  force=False):
     """The CSV for every numbered mask image in `mask_dir`; returns the lines written."""
-    masks = {number: mask_fraction(read_array(path))
+    masks = {number: mask_fraction(read_array(path), path)
              for number, path in _mask_files(mask_dir).items()}
     return write_submission(csv_path, masks, patch_size=patch_size, threshold=threshold,
                             force=force)
@@ -125,12 +143,16 @@ def csv_to_masks(csv_path, out_dir, *, patch_size=PATCH_SIZE, force=False):
     """One 0/255 patch mask per image of the CSV, mask_NNN.png in `out_dir`; returns the paths."""
     out_dir = Path(out_dir)
     patches = read_submission(csv_path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: is a file; pass a folder for the masks with -o")
+    targets = {number: out_dir / f"mask_{number:03d}.png" for number in sorted(patches)}
+    taken = [path for path in targets.values() if path.exists()]
+    if taken and not force:
+        raise InputError(f"{taken[0]}: exists; pass --force to replace it, or choose another -o")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for number, labels in sorted(patches.items()):
-        path = out_dir / f"mask_{number:03d}.png"
-        if path.exists() and not force:
-            raise InputError(f"{path}: exists; pass --force to replace it, or choose another -o")
+        path = targets[number]
         height = max(y for _, y in labels) + patch_size
         width = max(x for x, _ in labels) + patch_size
         mask = np.zeros((height, width), np.uint8)

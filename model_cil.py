@@ -10,24 +10,14 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-# Chosen by measurement on 2 CPU cores (README, "Choices, measured"): with the same 27-minute
-# budget on the road data, 8/16/32 base filters ran 11.5/26.7/92.2 s per epoch, fitted
-# 139/60/17 epochs and reached validation patch F1 0.890/0.902/0.857. 8 is nearly as good
-# and 2.3x faster per epoch; 32 is too slow to converge on a CPU.
-DEFAULT_FILTERS = 16
-DEFAULT_DEPTH = 4            # poolings; 400x400 road images become 25x25 at the bottom
-DEFAULT_DROPOUT = 0.0
+from settings_cil import ACTIVATION, DEPTH, DROPOUT, FILTERS, INIT, MODEL_NAMES
+
 BATCHNORM_MOMENTUM = 0.9     # Keras' 0.99 lags for hundreds of steps; short runs validated badly
-DEFAULT_ACTIVATION = "relu"
-DEFAULT_INIT = "he_normal"
-MODEL_NAMES = ("unet", "tiny-unet")
-ACTIVATIONS = ("relu", "leaky_relu")
-INITIALIZERS = ("he_normal", "he_uniform")
 
 # NVIDIA's TinyUNet (UNet_Industrial, model/unet.py, variant "tinyUNet"): widths of the input
 # block, the three down blocks, the bottleneck and the output block.
 TINY_INPUT_FILTERS = 32
-TINY_BLOCK_FILTERS = (32, 64, 128)
+TINY_BLOCK_FILTERS = (32, 64, 128)   # + the input block: settings_cil.TINY_UNET_POOLINGS
 TINY_BOTTLENECK_FILTERS = 256
 TINY_OUTPUT_FILTERS = 32
 
@@ -82,9 +72,8 @@ def _weight_decay_regularizer(weight_decay):
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
-def build_unet(*, input_channels=3, classes=1, filters=DEFAULT_FILTERS, depth=DEFAULT_DEPTH,
-               dropout=DEFAULT_DROPOUT, batchnorm=True, activation=DEFAULT_ACTIVATION,
-               initializer=DEFAULT_INIT, weight_decay=0.0):
+def build_unet(*, input_channels=3, classes=1, filters=FILTERS, depth=DEPTH, dropout=DROPOUT,
+               batchnorm=True, activation=ACTIVATION, initializer=INIT, weight_decay=0.0):
     """Ronneberger's U-Net: `depth` poolings, widths filters * 2**level, transposed-conv upsampling.
 
     filters=64, depth=4, batchnorm=False is the classic 31.0 M-parameter network.
@@ -118,11 +107,12 @@ def _upscale_conv(x, filters, *, activation, initializer, regularizer):
     return layers.Activation(activation)(x)
 
 
-def build_tiny_unet(*, input_channels=3, classes=1, dropout=DEFAULT_DROPOUT, batchnorm=False,
-                    activation=DEFAULT_ACTIVATION, initializer="he_uniform", weight_decay=0.0):
+def build_tiny_unet(*, input_channels=3, classes=1, dropout=DROPOUT, batchnorm=False,
+                    activation=ACTIVATION, initializer="he_uniform", weight_decay=0.0, **_):
     """NVIDIA's TinyUNet: an input block and 3 down blocks (two 3x3 convs, max pooling), a
     bottleneck, 3 up blocks (concatenate the skip, two 3x3 convs, upsample + 2x2 conv) and an
-    output block. The widths are fixed by the recipe, so there is no `filters` argument.
+    output block. The widths and depth are fixed by the recipe: `filters` and `depth` are
+    accepted, as every builder takes them, and ignored.
     """
     regularizer = _weight_decay_regularizer(weight_decay)
     conv_args = dict(batchnorm=batchnorm, activation=activation, initializer=initializer,
@@ -148,21 +138,14 @@ def build_tiny_unet(*, input_channels=3, classes=1, dropout=DEFAULT_DROPOUT, bat
     return keras.Model(inputs, output_layer(x, classes), name="tiny_unet")
 
 
+BUILDERS = {"unet": build_unet, "tiny-unet": build_tiny_unet}   # settings_cil.MODEL_NAMES
+
+
 def build_model(name, **options):
-    """The builder for `name` (one of MODEL_NAMES) called with the options it accepts."""
-    if name == "unet":
-        return build_unet(**options)
-    if name == "tiny-unet":
-        options.pop("filters", None)
-        options.pop("depth", None)
-        return build_tiny_unet(**options)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-
-
-def input_multiple(name, depth):
-    """What input sides of the model `name` must be multiples of, before it is built."""
-    poolings = len(TINY_BLOCK_FILTERS) + 1 if name == "tiny-unet" else depth
-    return 2**poolings
+    """The model `name` (one of MODEL_NAMES) built with `options`."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return BUILDERS[name](**options)
 
 
 def required_multiple(model):

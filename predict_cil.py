@@ -1,21 +1,34 @@
-"""Full-size prediction with test-time augmentation, evaluation tables, threshold tuning and the
-PNG outputs of a run (probabilities, masks, overlays, contact sheet).
+"""Prediction and what follows it: loading a saved model, full-size prediction with test-time
+augmentation, the decision threshold (decided in one place), evaluation tables, the validation
+report, the test masks with the Kaggle CSV, and the PNG outputs of a run.
 """
 
+import os
+import shutil
+import time
+import zipfile
 from pathlib import Path
 
+import click
+import keras
 import numpy as np
+import tensorflow as tf
 
-from data_cil import write_png
-from losses_cil import PIXEL_THRESHOLD, SegmentationMetric, evaluation_metrics
+from data_cil import InputError, read_image, write_atomically, write_png
+from losses_cil import evaluation_metrics
+from mask_to_submission import FOREGROUND_THRESHOLD, patch_means, write_submission
 from model_cil import required_multiple
-
-TTA_CHOICES = (1, 2, 4, 8)
+from runs_cil import SUBMISSION_FILE, fold_folder, path, read_metrics
+from settings_cil import PIXEL_THRESHOLD
 # (quarter turns, mirror left-right) in the order TTA adds them: 2 = + mirror, 4 = + upside
 # down and half turn, 8 = all eight symmetries of the square.
 DIHEDRAL = ((0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False),
             (3, True))
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))  # searched by tune_threshold
+# Searched by tune_thresholds: pixel probabilities, and patch foreground fractions for the CSV.
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
+PATCH_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.51, 0.05))
+SUMMARY_METRICS = {1: ("f1", "patch_f1", "precision", "recall", "iou", "patch_accuracy"),
+                   "multi": ("f1", "mean_iou", "precision", "recall", "micro_f1")}
 TRUE_POSITIVE = (0, 200, 0)      # overlay colours: green road found,
 FALSE_POSITIVE = (230, 0, 0)     # red road invented,
 FALSE_NEGATIVE = (0, 90, 255)    # blue road missed
@@ -58,6 +71,16 @@ def predict_probabilities(model, image, *, tta=1):
         outputs = [model.predict_on_batch(v[None])[0] for v in variants]
     mean = np.mean([undo_dihedral(out, *DIHEDRAL[i]) for i, out in enumerate(outputs)], axis=0)
     return mean[:h, :w]
+
+
+def ensemble_probabilities(models, image, *, tta=1):
+    """The mean of several models' probabilities (each with TTA) for one image; time and memory
+    grow with the number of models, one model's activations at a time."""
+    total = None
+    for model in models:
+        probabilities = predict_probabilities(model, image, tta=tta)
+        total = probabilities if total is None else total + probabilities
+    return total / len(models)
 
 
 def labels_from(probabilities, classes, threshold=PIXEL_THRESHOLD):
@@ -105,28 +128,67 @@ def overlay(image, truth, predicted, classes, palette=None):
     return blended.astype(np.uint8)
 
 
-def evaluate(masks, probabilities, classes, threshold=PIXEL_THRESHOLD):
+def evaluate(masks, probabilities, classes, threshold=PIXEL_THRESHOLD,
+             patch_threshold=FOREGROUND_THRESHOLD):
     """{metric name: value} over all images, streamed image by image like validation."""
-    metrics = evaluation_metrics(classes, threshold)
+    metrics = evaluation_metrics(classes, threshold, patch_threshold)
     for mask, prob in zip(masks, probabilities):
         for metric in metrics:
             metric.update_state(mask[None, ..., None], prob[None])
     return {metric.name: round(float(metric.result()), 4) for metric in metrics}
 
 
-def patch_f1(masks, probabilities, threshold):
-    metric = SegmentationMetric("f1", patch=True, threshold=threshold)
-    for mask, prob in zip(masks, probabilities):
-        metric.update_state(mask[None, ..., None], prob[None])
-    return float(metric.result())
+def decided_thresholds(settings):
+    """(pixel, patch) thresholds that validation, submission and the tables use: --threshold
+    and --patch-threshold, else what --from-run (or --weights of a run) brought, tuned on that
+    run's validation, else PIXEL_THRESHOLD and the grader's FOREGROUND_THRESHOLD. All arrive as
+    settings, with their source recorded."""
+    return (settings.threshold or PIXEL_THRESHOLD,
+            FOREGROUND_THRESHOLD if settings.patch_threshold is None else settings.patch_threshold)
 
 
-def tune_threshold(masks, probabilities):
-    """The pixel threshold with the best validation patch F1, and that F1 against 0.5's."""
-    scores = {t: patch_f1(masks, probabilities, t) for t in THRESHOLDS}
-    best = max(scores, key=lambda t: (scores[t], -abs(t - PIXEL_THRESHOLD)))
-    return dict(threshold=best, patch_f1=round(scores[best], 4),
-                patch_f1_at_0_5=round(scores[PIXEL_THRESHOLD], 4))
+def _patch_table(masks, probabilities):
+    """(truth patch labels, {pixel threshold: patch foreground shares}) over all images."""
+    truth = np.concatenate([(patch_means(mask) > FOREGROUND_THRESHOLD).ravel() for mask in masks])
+    shares = {t: np.concatenate([patch_means(prob[..., 0] >= t).ravel()
+                                 for prob in probabilities]) for t in THRESHOLDS}
+    return truth, shares
+
+
+def _patch_f1(truth, predicted):
+    tp = np.sum(truth & predicted)
+    wrong = np.sum(truth != predicted)
+    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+
+
+def _best(scores):
+    """The (pixel, patch) pair with the best score; ties go to the one nearest the defaults."""
+    return max(scores, key=lambda pair: (round(scores[pair], 10),
+                                         -abs(pair[0] - PIXEL_THRESHOLD)
+                                         - abs(pair[1] - FOREGROUND_THRESHOLD)))
+
+
+def tune_thresholds(masks, probabilities, groups=None):
+    """The pixel threshold and patch foreground fraction with the best patch F1 over the images,
+    with that F1 and the F1 at the defaults. With `groups` (a fold per image), also the F1 that
+    tuning reaches on images it did not see: each group scored with the thresholds tuned on the
+    others, their patch labels pooled."""
+    truth, shares = _patch_table(masks, probabilities)
+    scores = {(t, f): _patch_f1(truth, shares[t] > f) for t in THRESHOLDS for f in PATCH_THRESHOLDS}
+    best = _best(scores)
+    tuned = dict(threshold=best[0], patch_threshold=best[1], patch_f1=round(scores[best], 4),
+                 patch_f1_at_defaults=round(scores[(PIXEL_THRESHOLD, FOREGROUND_THRESHOLD)], 4))
+    if groups is not None:
+        patches = np.concatenate([np.full(patch_means(mask).size, group)
+                                  for mask, group in zip(masks, groups)])
+        predicted = np.zeros_like(truth)
+        for group in sorted(set(groups)):
+            seen = patches != group
+            pair = _best({(t, f): _patch_f1(truth[seen], shares[t][seen] > f)
+                          for t in THRESHOLDS for f in PATCH_THRESHOLDS})
+            predicted[~seen] = shares[pair[0]][~seen] > pair[1]
+        tuned["patch_f1_unseen"] = round(_patch_f1(truth, predicted), 4)
+    return tuned
 
 
 def write_validation_outputs(folder, name, image, mask, probabilities, classes, *, threshold,
@@ -156,3 +218,290 @@ def contact_sheet(images, labels, classes, palette=None):
     width = max(row.shape[1] for row in rows)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
     return np.concatenate(rows, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved models
+
+
+def load_saved_model(path, classes=None):
+    """A segmentation model saved by this tool, or InputError naming the file and the fix:
+    RGB images in, one map of probabilities per class out (`classes`, when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .keras model file (those are zip archives); pass a "
+                         "best.keras from a run folder")
+    try:
+        model = keras.models.load_model(path)
+    except Exception as error:  # a zip that is no model, a model of another tool, ...
+        raise InputError(f"{path}: not a model saved by this tool ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]}); pass a best.keras from a run "
+                         "folder") from error
+    if len(model.input_shape) != 4 or len(model.output_shape) != 4:
+        raise InputError(f"{path}: maps {model.input_shape} to {model.output_shape}, not images to "
+                         "masks; pass a segmentation model (a best.keras of this tool)")
+    if model.input_shape[-1] != 3:
+        raise InputError(f"{path}: the model expects {model.input_shape[-1]}-channel images but "
+                         "this tool feeds RGB (3 channels); train a model on these images instead")
+    if classes is not None and model.output_shape[-1] != classes:
+        raise InputError(f"{path}: the model predicts {model.output_shape[-1]} class map(s), not "
+                         f"{classes} (--classes {classes}); drop --classes or pass the matching "
+                         "model")
+    return model
+
+
+def model_classes(model):
+    """--classes of a model: 1 for one sigmoid map, else the number of softmax maps."""
+    return model.output_shape[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def format_table(table, classes):
+    """Two columns of the headline metrics, then per-class rows for several classes."""
+    if classes == 1:
+        names = [("precision", "precision"), ("recall", "recall"), ("f1", "F1"), ("iou", "IoU"),
+                 ("patch_accuracy", "patch accuracy"), ("patch_f1", "patch F1 (Kaggle)"),
+                 ("accuracy", "pixel accuracy (never used to choose a model)")]
+        return "\n".join(f"  {label:<46} {table[key]:.4f}" for key, label in names)
+    lines = [f"  {'class':<8}{'precision':>10}{'recall':>10}{'F1':>10}{'IoU':>10}"]
+    for index in range(classes):
+        lines.append(f"  {index:<8}" + "".join(f"{table[f'{kind}_{index}']:>10.4f}"
+                                              for kind in ("precision", "recall", "f1", "iou")))
+    lines.append(f"  {'macro':<8}" + "".join(f"{table[key]:>10.4f}"
+                                            for key in ("precision", "recall", "f1", "mean_iou")))
+    lines.append(f"  {'micro':<8}" + "".join(f"{table[key]:>10.4f}" for key in
+                                            ("micro_precision", "micro_recall", "micro_f1",
+                                             "micro_iou")))
+    lines.append(f"  pixel accuracy {table['accuracy']:.4f} (never used to choose a model)")
+    return "\n".join(lines)
+
+
+def predicted(models, images, tta):
+    """Full-size probabilities of each image, averaged over the models."""
+    return [ensemble_probabilities(models, image, tta=tta) for image in images]
+
+
+def report_validation(settings, run, pairs, images, masks, probabilities, palette=None):
+    """The validation PNG outputs, the metric table (printed) and the metrics.json fields."""
+    classes = settings.classes
+    threshold, patch_threshold = decided_thresholds(settings)
+    for pair, image, mask, prob in zip(pairs, images, masks, probabilities):
+        write_validation_outputs(run.valid_dir, pair.name, image, mask, prob, classes,
+                                 threshold=threshold, palette=palette)
+    table = evaluate(masks, probabilities, classes, threshold, patch_threshold)
+    click.echo(f"\nvalidation, {len(images)} images at full size, pixel threshold {threshold}"
+               f"{_patch_words(classes, patch_threshold)}, TTA {settings.tta}:")
+    click.echo(format_table(table, classes))
+    report = dict(valid=table, threshold=threshold, patch_threshold=patch_threshold,
+                  tta=settings.tta)
+    if classes == 1:
+        tuned = tune_thresholds(masks, probabilities)
+        use = "" if settings.fold is not None else "; --submit --from-run uses them"
+        click.echo(f"tuned on these {len(images)} images: pixel threshold {tuned['threshold']}, "
+                   f"patch share {tuned['patch_threshold']}: patch F1 {tuned['patch_f1']:.4f} "
+                   f"(at {PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}: "
+                   f"{tuned['patch_f1_at_defaults']:.4f}){use}")
+        report["tuned"] = tuned
+    click.echo(f"outputs: {run.valid_dir}")
+    return report
+
+
+def _patch_words(classes, patch_threshold):
+    return f", patch share {patch_threshold}" if classes == 1 else ""
+
+
+def csv_foreground(labels, classes):
+    """The mask the Kaggle CSV scores, or None with several foreground classes: the CSV has one
+    foreground, so binary tasks and class 1 of two classes qualify."""
+    if classes > 2:
+        return None
+    return labels.astype(float) if classes == 1 else (labels == 1).astype(float)
+
+
+def write_test_predictions(models, settings, run, tests, palette=None):
+    """Masks for the test images {number: path} in run.submit_dir from the models' mean, the
+    CSV (one foreground class) and a contact sheet; returns a summary."""
+    started = time.perf_counter()
+    classes = settings.classes
+    threshold, patch_threshold = decided_thresholds(settings)
+    images, labels = [], {}
+    for number, file in tests.items():
+        image = read_image(file)
+        labels[number] = labels_from(ensemble_probabilities(models, image, tta=settings.tta),
+                                     classes, threshold)
+        write_png(run.submit_dir / f"{file.stem}.png", mask_png(labels[number], classes))
+        images.append(image)
+    summary = dict(test_images=len(tests), models=len(models), threshold=threshold,
+                   patch_threshold=patch_threshold, tta=settings.tta, masks=str(run.submit_dir))
+    if classes <= 2:
+        csv_path = run.submit_dir / SUBMISSION_FILE
+        lines = write_submission(csv_path, {n: csv_foreground(m, classes)
+                                            for n, m in labels.items()},
+                                 threshold=patch_threshold)
+        road = sum(line.endswith(",1") for line in lines[1:]) / (len(lines) - 1)
+        summary.update(csv=str(csv_path), csv_lines=len(lines) - 1, road_patch_share=round(road, 4))
+    sheet = run.file("contact_sheet")
+    write_png(sheet, contact_sheet(images, list(labels.values()), classes, palette))
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    mean = f" (mean of {len(models)} models)" if len(models) > 1 else ""
+    click.echo(f"\npredicted {len(tests)} test images{mean} (pixel threshold {threshold}"
+               f"{_patch_words(classes, patch_threshold)}, TTA {settings.tta}) into "
+               f"{run.submit_dir} in {summary['seconds']} s")
+    if "csv" in summary:
+        what = "foreground" if classes == 1 else "class 1"
+        click.echo(f"wrote {summary['csv']}: {summary['csv_lines']} patches, "
+                   f"{summary['road_patch_share']:.1%} of them {what}")
+    else:
+        click.echo(f"no Kaggle CSV: it scores one foreground class and the model has {classes}; "
+                   "the masks hold class numbers")
+    click.echo(f"contact sheet: {sheet}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-validation: out-of-fold predictions and their table
+
+
+def write_oof(file, pairs, masks, probabilities):
+    """A fold's out-of-fold predictions: probabilities as 0..255 (1/255 is finer than any
+    threshold searched) and the masks, by image name."""
+    arrays = {}
+    for pair, mask, prob in zip(pairs, masks, probabilities):
+        arrays[f"probabilities/{pair.name}"] = np.round(prob * 255).astype(np.uint8)
+        arrays[f"mask/{pair.name}"] = mask
+    write_atomically(file, lambda p: np.savez_compressed(p, **arrays))
+
+
+def read_oof(file):
+    """(names, masks, probabilities) of a fold's out-of-fold predictions."""
+    with np.load(file) as content:
+        names = [key.split("/", 1)[1] for key in content.files if key.startswith("mask/")]
+        masks = [content[f"mask/{name}"] for name in names]
+        probabilities = [content[f"probabilities/{name}"].astype(np.float32) / 255
+                         for name in names]
+    return names, masks, probabilities
+
+
+def cross_validation_report(folder, folds, settings):
+    """The out-of-fold table over every image (each predicted by the fold model that did not
+    train on it), each metric's mean and spread over the folds, and, for binary tasks, the
+    thresholds tuned out of fold with the patch F1 they reach on folds they were not tuned on.
+    Printed; returned for metrics.json."""
+    classes = settings.classes
+    names, masks, probabilities, groups, tables, best_epochs = [], [], [], [], [], []
+    for fold in range(folds):
+        fold_names, fold_masks, fold_probabilities = read_oof(path(fold_folder(folder, fold),
+                                                                   "oof"))
+        names += fold_names
+        masks += fold_masks
+        probabilities += fold_probabilities
+        groups += [fold] * len(fold_names)
+        tables.append(evaluate(fold_masks, fold_probabilities, classes))
+        best_epochs.append(read_metrics(fold_folder(folder, fold)).get("best_epoch"))
+    table = evaluate(masks, probabilities, classes)
+    keys = SUMMARY_METRICS[1 if classes == 1 else "multi"]
+    spread = {key: dict(mean=round(float(np.mean([t[key] for t in tables])), 4),
+                        sd=round(float(np.std([t[key] for t in tables], ddof=1)), 4),
+                        min=min(t[key] for t in tables), max=max(t[key] for t in tables))
+              for key in keys}
+    click.echo(f"\nout-of-fold validation: {len(names)} images in {folds} folds, each predicted "
+               f"by the model that did not train on it (pixel threshold {PIXEL_THRESHOLD}"
+               f"{_patch_words(classes, FOREGROUND_THRESHOLD)}, TTA {settings.tta}):")
+    click.echo(f"  {'metric':<16}{'all images':>12}{'fold mean':>12}{'sd':>8}{'min':>9}{'max':>9}")
+    for key in keys:
+        row = spread[key]
+        click.echo(f"  {key:<16}{table[key]:>12.4f}{row['mean']:>12.4f}{row['sd']:>8.4f}"
+                   f"{row['min']:>9.4f}{row['max']:>9.4f}")
+    epochs = sorted(e for e in best_epochs if e)
+    report = dict(images=len(names), folds=folds, oof=table, per_fold=tables, spread=spread,
+                  best_epochs=best_epochs,
+                  median_best_epoch=int(np.median(epochs)) if epochs else None)
+    if classes == 1:
+        tuned = tune_thresholds(masks, probabilities, groups)
+        click.echo(f"thresholds tuned out of fold: pixel {tuned['threshold']}, patch share "
+                   f"{tuned['patch_threshold']}; patch F1 {tuned['patch_f1_unseen']:.4f} on "
+                   f"folds they were not tuned on ({tuned['patch_f1_at_defaults']:.4f} at "
+                   f"{PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}); --submit --from-run uses them")
+        report["tuned"] = tuned
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Models that travel without this code
+
+
+class _Serving(tf.Module):
+    """The model with what prediction does around it: images of any size are reflect-padded to
+    what the model accepts, predicted, and cropped back; uint8 or float 0..255 pixels in,
+    probabilities out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.multiple = required_multiple(model)
+
+    def _predict(self, images):
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        padding = [[0, 0], [0, -height % self.multiple], [0, -width % self.multiple], [0, 0]]
+        padded = tf.pad(tf.cast(images, tf.float32), padding, mode="SYMMETRIC")
+        return {"probabilities": self.model(padded, training=False)[:, :height, :width, :]}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, "images")])
+    def serve_float(self, images):
+        return self._predict(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, "images")])
+    def serve_uint8(self, images):
+        return self._predict(images)
+
+
+def export_saved_model(model, folder):
+    """Write `folder` as a TensorFlow SavedModel that loads with `tf.saved_model.load` alone:
+    signatures serving_default (float32 pixels 0..255) and serving_uint8, each taking a batch
+    (N, H, W, 3) of any H and W and returning {"probabilities": (N, H, W, classes)}. Written
+    beside and renamed into place, so a kill leaves no half export."""
+    folder = Path(folder)
+    if folder.exists():
+        raise InputError(f"{folder}: exists; export into a new run (another --run-name)")
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    serving = _Serving(model)
+    try:
+        tf.saved_model.save(serving, str(partial), signatures={
+            "serving_default": serving.serve_float.get_concrete_function(),
+            "serving_uint8": serving.serve_uint8.get_concrete_function()})
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard's HParams view
+
+
+def hparam_value(value):
+    """A setting as HParams shows it: numbers, text and booleans as they are, others as text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return " ".join(f"{key}={hparam_value(item)}" for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+def log_hparams(folder, settings, names, metrics):
+    """The run's settings `names` and its final metrics in the run folder, so `tensorboard
+    --logdir` over several runs (a grid's folder) shows them as one sortable table."""
+    from tensorboard.plugins.hparams import api as hp
+    hparams = {name: hparam_value(settings[name]) for name in names
+               if settings.get(name) is not None}
+    with tf.summary.create_file_writer(str(folder)).as_default():
+        hp.hparams(hparams, trial_id=Path(folder).name)
+        for name, value in metrics.items():
+            tf.summary.scalar(f"final/{name}", value, step=0)

@@ -7,9 +7,9 @@ that `--resume` continues exactly.
 """
 
 import contextlib
-import json
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,71 +18,78 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from data_cil import write_atomically, write_json
+from data_cil import write_atomically
 from predict_cil import render_mask
+from runs_cil import TrainingDiverged, TrainingInterrupted, path, read_state, write_state
+from settings_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
 
-OPTIMIZERS = ("adam", "rmsprop", "sgd")
-LR_SCHEDULES = ("constant", "step", "cosine", "plateau")
 PLATEAU_FACTOR = 0.5         # `plateau` halves the learning rate ...
 PLATEAU_PATIENCE = 5         # ... after this many epochs without improvement
 PANEL_IMAGES = 3             # validation images in the TensorBoard panel
 PANEL_EVERY = 5              # epochs between two panels
-CHECKPOINT_DIR = "checkpoint"
-HISTORY_FILE = "history.csv"
-STATE_FILE = "state.json"
+# A scheduler signals every process of a job, and the job's wrapper forwards the signal too, so
+# one stop request can arrive twice within moments; only a signal after this counts as a second.
+REPEATED_SIGNAL_SECONDS = 2.0
 
 _stop_requested = threading.Event()   # set by SIGINT/SIGTERM, read between batches
 _stop_signal_number = None
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; a resumable checkpoint has been written."""
-
-    def __init__(self, signal_number, epoch):
-        super().__init__(f"stopped by {signal.Signals(signal_number).name} during epoch {epoch}")
-        self.signal_number = signal_number
+def _constant(lr, **_):
+    return lr
 
 
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; the last checkpoint is the last good state."""
+def _step(lr, *, decay, decay_steps, **_):
+    # Exponential staircase decay, NVIDIA's recipe: lr * decay ** floor(step / decay_steps).
+    return keras.optimizers.schedules.ExponentialDecay(lr, decay_steps, decay, staircase=True)
 
 
-def learning_rate(schedule, lr, *, decay=0.8, decay_steps=500, total_steps=None):
+def _cosine(lr, *, total_steps, **_):
+    return keras.optimizers.schedules.CosineDecay(lr, total_steps)
+
+
+SCHEDULES = {"constant": _constant, "step": _step, "cosine": _cosine,   # settings_cil.LR_SCHEDULES
+             "plateau": _constant}           # ReduceLROnPlateau lowers it during training
+OPTIMIZER_BUILDERS = {                       # settings_cil.OPTIMIZERS
+    "adam": lambda rate, **_: keras.optimizers.Adam(rate),
+    "rmsprop": lambda rate, *, rho, momentum, centered: keras.optimizers.RMSprop(
+        rate, rho=rho, momentum=momentum, centered=centered),
+    "sgd": lambda rate, *, momentum, **_: keras.optimizers.SGD(rate, momentum=momentum),
+}
+
+
+def learning_rate(schedule, lr, *, decay=LR_DECAY, decay_steps=LR_DECAY_STEPS, total_steps=None):
     """A float (constant, plateau) or a Keras schedule of the optimizer step."""
-    if schedule in ("constant", "plateau"):
-        return lr
-    if schedule == "step":
-        # Exponential staircase decay, NVIDIA's recipe: lr * decay ** floor(step / decay_steps).
-        return keras.optimizers.schedules.ExponentialDecay(lr, decay_steps, decay, staircase=True)
-    if schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(lr, total_steps)
-    raise ValueError(f"unknown --lr-schedule {schedule}; choose {', '.join(LR_SCHEDULES)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown --lr-schedule {schedule}; choose {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule](lr, decay=decay, decay_steps=decay_steps, total_steps=total_steps)
 
 
-def make_optimizer(name, rate, *, rho=0.9, momentum=0.0, centered=False):
-    if name == "adam":
-        return keras.optimizers.Adam(rate)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(rate, rho=rho, momentum=momentum, centered=centered)
-    if name == "sgd":
-        return keras.optimizers.SGD(rate, momentum=momentum)
-    raise ValueError(f"unknown --optimizer {name}; choose {', '.join(OPTIMIZERS)}")
+def make_optimizer(name, rate, *, rho=RHO, momentum=MOMENTUM, centered=False):
+    if name not in OPTIMIZER_BUILDERS:
+        raise ValueError(f"unknown --optimizer {name}; choose {', '.join(OPTIMIZERS)}")
+    return OPTIMIZER_BUILDERS[name](rate, rho=rho, momentum=momentum, centered=centered)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
     """While inside, SIGINT (Ctrl-C, bkill) and SIGTERM (scancel, walltime) ask training to stop
-    after the current batch; a second signal falls back to the default and ends the process at
-    once. The previous handlers come back on leaving."""
+    after the current batch; a second signal, REPEATED_SIGNAL_SECONDS or more after the first,
+    ends the process at once. The previous handlers come back on leaving."""
     global _stop_signal_number
     _stop_requested.clear()
     _stop_signal_number = None
+    first = []
 
     def request_stop(number, frame):
         global _stop_signal_number
-        _stop_signal_number = number
-        _stop_requested.set()
-        signal.signal(number, signal.SIG_DFL)
+        if not first:
+            first.append(time.monotonic())
+            _stop_signal_number = number
+            _stop_requested.set()
+        elif time.monotonic() - first[0] >= REPEATED_SIGNAL_SECONDS:
+            signal.signal(number, signal.SIG_DFL)
+            signal.raise_signal(number)
 
     previous = {number: signal.signal(number, request_stop)
                 for number in (signal.SIGINT, signal.SIGTERM)}
@@ -91,11 +98,6 @@ def stop_on_signals():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def read_state(run_dir):
-    path = Path(run_dir) / CHECKPOINT_DIR / STATE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class RunCheckpoint(keras.callbacks.Callback):
@@ -120,18 +122,26 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.stopped_early = False
         self._epoch_start = None
 
+    def summary(self):
+        """What metrics.json says about training: best epoch and value, epochs, time."""
+        seconds = self.epoch_seconds
+        return dict(best_epoch=self.best_epoch, best_value=self.best, monitor=self.monitor,
+                    epochs_run=len(seconds), stopped_early=self.stopped_early,
+                    seconds_per_epoch=round(float(np.median(seconds)), 2) if seconds else None,
+                    train_seconds=round(sum(seconds), 1))
+
     def _improved(self, value):
         return self.best is None or value > self.best
 
     def _save_state(self, epoch, step):
         """Model with optimizer first, then the state naming it: a kill in between leaves the
         previous pair intact."""
-        folder = self.run_dir / CHECKPOINT_DIR
+        folder = path(self.run_dir, "checkpoint_dir")
         folder.mkdir(exist_ok=True)
         name = f"model-{epoch:04d}-{step:06d}.keras"
         write_atomically(folder / name, self.model.save)
         previous = read_state(self.run_dir)
-        write_json(folder / STATE_FILE, dict(
+        write_state(self.run_dir, dict(
             file=name, epoch=epoch, step=step, best=self.best, best_epoch=self.best_epoch,
             wait=self.wait, monitor=self.monitor, epoch_seconds=self.epoch_seconds))
         if previous and previous["file"] != name:
@@ -144,11 +154,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         loss = float((logs or {}).get("loss", 0.0))
         epoch = int(self.model.optimizer.iterations.numpy()) // self.steps_per_epoch
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"the loss became {loss} in epoch {epoch + 1}")
+            raise TrainingDiverged(f"the loss became {loss} in epoch {epoch + 1}", self.run_dir)
         if _stop_requested.is_set():
             step = int(self.model.optimizer.iterations.numpy()) - epoch * self.steps_per_epoch
             self._save_state(epoch, step)
-            raise TrainingInterrupted(_stop_signal_number, epoch + 1)
+            raise TrainingInterrupted(signal.Signals(_stop_signal_number).name,
+                                      _stop_signal_number, epoch + 1, self.run_dir)
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(round(time.perf_counter() - self._epoch_start, 2))
@@ -160,7 +171,7 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.best = None if value is None else float(value)
             self.best_epoch = epoch + 1
             self.wait = 0
-            write_atomically(self.run_dir / "best.keras", self.model.save)
+            write_atomically(path(self.run_dir, "best_model"), self.model.save)
         else:
             self.wait += 1
             if self.patience and self.wait >= self.patience:
@@ -174,7 +185,7 @@ class ImagePanel(keras.callbacks.Callback):
 
     def __init__(self, run_dir, images, masks, classes, every=PANEL_EVERY):
         super().__init__()
-        self.writer = tf.summary.create_file_writer(str(Path(run_dir) / "images"))
+        self.writer = tf.summary.create_file_writer(str(path(run_dir, "panels")))
         self.images, self.masks, self.classes, self.every = images, masks, classes, every
 
     def on_epoch_end(self, epoch, logs=None):
@@ -189,11 +200,38 @@ class ImagePanel(keras.callbacks.Callback):
                              step=epoch + 1, max_outputs=len(rows))
 
 
-def run_callbacks(run_dir, *, checkpoint, panel=None, schedule="constant"):
+class EpochLine(keras.callbacks.Callback):
+    """One line per epoch with its time and metrics, flushed at once: what a job's log file gets
+    instead of Keras' progress bar, whose carriage returns and backspaces fill it."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        # loss first, then the metrics, then the same for validation
+        names = sorted(logs, key=lambda n: (n.startswith("val_"), n.removeprefix("val_") != "loss",
+                                            n))
+        metrics = " - ".join(f"{name} {float(logs[name]):.4f}" for name in names)
+        print(f"Epoch {epoch + 1}/{self.params['epochs']} - "
+              f"{time.perf_counter() - self._start:.1f} s - {metrics}", flush=True)
+
+
+def keras_verbosity(verbose):
+    """(Keras' fit verbosity, whether to add EpochLine) for --verbose auto|0|1|2: auto shows the
+    progress bar on a terminal and one line per epoch in a file."""
+    if verbose == "auto":
+        verbose = "1" if sys.stdout.isatty() else "2"
+    return (1, False) if verbose == "1" else (0, verbose == "2")
+
+
+def run_callbacks(run_dir, *, checkpoint, panel=None, schedule="constant", epoch_lines=False):
     """The run's callbacks, RunCheckpoint last: a checkpoint then holds everything the epoch
     changed (history row, learning rate), and a resume trims history rows it redoes."""
-    callbacks = [keras.callbacks.CSVLogger(str(Path(run_dir) / HISTORY_FILE), append=True),
+    callbacks = [keras.callbacks.CSVLogger(str(path(run_dir, "history")), append=True),
                  keras.callbacks.TensorBoard(str(run_dir), write_graph=False)]
+    if epoch_lines:
+        callbacks.append(EpochLine())
     if panel is not None:
         callbacks.append(panel)
     if schedule == "plateau":
@@ -206,15 +244,15 @@ def run_callbacks(run_dir, *, checkpoint, panel=None, schedule="constant"):
 def trim_history(run_dir, epochs_done):
     """Drop history rows of epochs a resumed run will redo (a kill can fall between writing
     the row and the checkpoint)."""
-    path = Path(run_dir) / HISTORY_FILE
-    if path.is_file():
-        header, *rows = path.read_text().splitlines(keepends=True)
+    history = path(run_dir, "history")
+    if history.is_file():
+        header, *rows = history.read_text().splitlines(keepends=True)
         kept = [row for row in rows if int(row.split(",")[0]) < epochs_done]
-        write_atomically(path, lambda p: p.write_text("".join([header, *kept])))
+        write_atomically(history, lambda p: p.write_text("".join([header, *kept])))
 
 
 def fit(model, train_data_from, valid_data, *, epochs, steps_per_epoch, callbacks, checkpoint,
-        state=None):
+        state=None, verbose=1):
     """Train to `epochs`, continuing from `state` (a read_state dict) when resuming.
 
     `train_data_from(step)` returns the training stream starting at that optimizer step. An
@@ -236,5 +274,5 @@ def fit(model, train_data_from, valid_data, *, epochs, steps_per_epoch, callback
         start = int(model.optimizer.iterations.numpy())
         model.fit(train_data_from(start), validation_data=valid_data, initial_epoch=first,
                   epochs=last, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-                  verbose=1)
+                  verbose=verbose)
     return checkpoint

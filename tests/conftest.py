@@ -1,15 +1,64 @@
-"""Shared fixtures: small synthetic datasets written to temporary folders. Before TensorFlow
-starts: two logical CPU devices, so MirroredStrategy is tested without GPUs, and deterministic
-ops, so a resumed run can be compared with an uninterrupted one."""
+"""Shared fixtures and helpers: small synthetic datasets in temporary folders, the command line
+through click's runner. Before TensorFlow starts: two logical CPU devices, so MirroredStrategy
+is tested without GPUs, and deterministic ops, so a resumed run can be compared with an
+uninterrupted one."""
 
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
+import skimage.io
 import tensorflow as tf
+from click.testing import CliRunner
 
 from data_cil import write_synthetic_dataset
+from main_cil import main
+from settings_cil import resolve_settings
 
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 tf.config.experimental.enable_op_determinism()
+
+REPO = Path(__file__).resolve().parents[1]
+# The smallest training main_cil.py runs in a few seconds on the 64x64 road_dir images.
+TINY = ["--filters", "4", "--depth", "2", "--crop", "32", "--count", "1", "--batch-size", "4",
+        "--epochs", "2", "--valid-fraction", "0.25"]
+
+
+def cli(*args, env=None):
+    """main_cil.py's command line in this process; the click result."""
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+def resolved(*args):
+    """The Settings a command line resolves to (with the CIL_ variables of the environment)."""
+    return resolve_settings(main.make_context("main_cil.py", [str(a) for a in args]))[0]
+
+
+def save(path, array):
+    """Write an image file, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    skimage.io.imsave(path, np.asarray(array), check_contrast=False)
+    return path
+
+
+def make_pair(root, name, image, mask):
+    """An image and its mask under root/training/."""
+    save(root / "training/images" / name, image)
+    save(root / "training/groundtruth" / name, mask)
+
+
+def rgb(size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3)).astype(np.uint8)
+
+
+def road_mask(size=32):
+    """A vertical road, 237 like the real masks, with anti-aliased 118 edges."""
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, size // 4 + 1:size // 2] = 237
+    mask[:, size // 4] = mask[:, size // 2] = 118
+    return mask
 
 
 @pytest.fixture
@@ -20,6 +69,9 @@ def road_dir(tmp_path):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """Run in an empty folder, so the CLI's default logs/ and data/ land in it."""
+    """Run in an empty folder, so the CLI's default logs/ and data/ land in it; no CIL_
+    variables from the caller's environment."""
     monkeypatch.chdir(tmp_path)
+    for key in [key for key in os.environ if key.startswith("CIL_")]:
+        monkeypatch.delenv(key)
     return tmp_path

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 import bench_cil
@@ -17,6 +18,7 @@ def test_flops_are_counted_from_the_convolutions():
     assert bench_cil.forward_flops(model, 16) == expected
 
 
+@pytest.mark.slow
 def test_quick_mode_reports_every_part(workdir):
     result = CliRunner().invoke(bench_cil.main, ["--quick", "--data-dir", "nowhere", "-o",
                                                  "bench.json"])
@@ -26,5 +28,19 @@ def test_quick_mode_reports_every_part(workdir):
                            "tiny-unet", "pipeline", "memory"}
     assert report["pipeline"]["mask_values"] == 2
     assert report["pipeline"]["legacy_mask_values"] > 2
-    assert all(0 < row["train_share"] for row in report.values() if "train_share" in row)
+    peak = report["matmul peak"]["gflops"] * 1e9
+    for label in ("unet f=16 (default)", "unet f=64 (classic)", "tiny-unet"):
+        row = report[label]
+        # a trained image costs 3x its forward FLOPs; the share is that rate against the peak
+        assert row["train_share"] == pytest.approx(
+            3 * row["gflops_per_image"] * 1e9 * row["train_images_per_s"] / peak)
+    assert report["unet f=64 (classic)"]["params"] == 31_031_745
+    assert report["memory"]["peak_mib"] > 100
     assert "| two ImageDataGenerators, one seed, whole images |" in result.output
+
+
+def test_a_missing_output_folder_is_refused_before_measuring(workdir):
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "-o", "missing/bench.json"])
+    assert result.exit_code == 2
+    assert "missing/bench.json: folder missing does not exist" in result.output
+    assert "matmul" not in result.output

@@ -7,17 +7,11 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
+import tensorflow as tf
 
-from main_cil import main
-from tests.helpers import make_pair, rgb, save
+from tests.conftest import TINY, cli, make_pair
 
-TINY = ["--filters", "4", "--depth", "2", "--crop", "32", "--count", "1", "--batch-size", "4",
-        "--epochs", "2", "--valid-fraction", "0.25"]
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+pytestmark = pytest.mark.slow      # each test trains a model end to end
 
 
 def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, road_dir):
@@ -38,8 +32,16 @@ def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, ro
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and 0 <= metrics["valid"]["patch_f1"] <= 1
     config = json.loads((run / "config.json").read_text())
-    assert config["filters"] == 4 and config["aug"]["rotation_range"] == 45
-    assert "versions" in config and config["run_name"] == "t1"
+    assert config["settings"]["filters"] == 4 and config["settings"]["aug"]["rotation_range"] == 45
+    assert config["sources"]["filters"] == "command line" and config["sources"]["lr"] == "default"
+    assert "versions" in config and config["settings"]["run_name"] == "t1"
+    assert not (run / "lock").exists()                  # released when the run ended
+    tags = {value.tag: value for path in run.glob("events.out.tfevents*")
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+            for value in event.summary.value}
+    assert "_hparams_/session_start_info" in tags     # TensorBoard's HParams table
+    assert tf.make_ndarray(tags["final/patch_f1"].tensor) == pytest.approx(
+        metrics["valid"]["patch_f1"])
 
 
 def test_an_existing_run_is_refused_and_force_replaces_it(workdir, road_dir):
@@ -51,6 +53,9 @@ def test_an_existing_run_is_refused_and_force_replaces_it(workdir, road_dir):
     assert Path("logs/same/config.json").read_text() == before
     result = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--run-name", "same", "--force")
     assert result.exit_code == 0
+    moved = list(Path("logs/.trash").iterdir())       # the earlier run is kept, not deleted
+    assert len(moved) == 1 and (moved[0] / "config.json").read_text() == before
+    assert len(list(Path("data/valid/output/.trash").iterdir())) == 1
 
 
 def test_submit_writes_masks_and_csv_and_weights_reproduce_them(workdir, road_dir):
@@ -86,11 +91,11 @@ def test_submit_from_run_takes_its_settings_best_epoch_and_threshold(workdir, ro
     earlier = json.loads(Path("logs/v/metrics.json").read_text())
     result = cli("--submit", "--from-run", "logs/v", "--run-name", "s")
     assert result.exit_code == 0, result.output
-    config = json.loads(Path("logs/s/config.json").read_text())
+    config = json.loads(Path("logs/s/config.json").read_text())["settings"]
     assert config["epochs"] == earlier["best_epoch"]
-    assert config["threshold"] == earlier["threshold"]["threshold"]
+    assert config["threshold"] == earlier["tuned_threshold"]
     assert (config["filters"], config["crop"], config["data_dir"]) == (4, 32, str(road_dir))
-    assert f"threshold {earlier['threshold']['threshold']}" in result.output
+    assert f"threshold {earlier['tuned_threshold']}" in result.output
 
 
 def test_three_classes_train_end_to_end_with_a_per_class_table(workdir, tmp_path):
@@ -126,63 +131,3 @@ def test_the_demo_generates_data_and_learns(workdir):
     run = next(Path("logs").iterdir())
     valid = json.loads((run / "metrics.json").read_text())["valid"]
     assert valid["f1"] > 0.8 and valid["patch_f1"] > 0.8
-
-
-def one_channel_model(path):
-    inputs = keras.Input((None, None, 1))
-    keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)).save(path)
-    return path
-
-
-BAD_INPUTS = [
-    (["--data-dir", "nowhere"], "nowhere/training/images: folder not found; pass --data-dir"),
-    (["--crop", "30"], "--crop must be a multiple of 4 (the model halves the image 2 times), "
-                       "got 30"),
-    (["--crop", "128"], "--crop 128 is larger than images of 64x64; pass --crop 64 or smaller"),
-    (["--loss", "dcie"], "'dcie' is not a loss; choose from bce"),
-    (["--aug", "rotaton=3"], "--aug rotaton=3: expected key=value with key one of"),
-    (["--monitor", "val_dice"], "--monitor val_dice: choose one of val_precision"),
-    (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
-    (["--class-weights", "1,2,3"], "--class-weights needs 2 numbers"),
-    (["--valid-fraction", "1.5"], "Invalid value for '--valid-fraction'"),
-    (["--submit", "--weights", "nothing.keras"], "nothing.keras: weights file not found"),
-    (["--submit", "--weights", "junk.keras"], "junk.keras: not a model saved by this tool"),
-    (["--submit", "--weights", "grey.keras"], "the model expects 1-channel images"),
-]
-
-
-@pytest.mark.parametrize("args, message", BAD_INPUTS)
-def test_bad_input_gives_one_line_and_exit_code_2(workdir, road_dir, args, message):
-    Path("junk.keras").write_bytes(b"PK\x03\x04 not really a zip")
-    one_channel_model("grey.keras")
-    result = cli(*TINY, "--data-dir", road_dir, *args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output
-    assert "Traceback" not in result.output
-    assert not Path("logs").exists() or not any(Path("logs").iterdir())
-
-
-def test_bad_files_in_the_data_are_named(workdir, tmp_path):
-    make_pair(tmp_path / "d", "a.png", rgb(32), np.zeros((32, 32), np.uint8))
-    make_pair(tmp_path / "d", "b.png", rgb(32), np.zeros((32, 32), np.uint8))
-    (tmp_path / "d/training/images/b.png").write_bytes(b"")
-    result = cli("--data-dir", tmp_path / "d", *TINY)
-    assert result.exit_code == 2
-    assert "b.png: file is empty (0 bytes); replace it or remove it" in result.output
-    save(tmp_path / "d/training/images/b.png", rgb(32))
-    save(tmp_path / "d/training/images/c.png", rgb(32))
-    result = cli("--data-dir", tmp_path / "d", *TINY)
-    assert result.exit_code == 2 and "c.png has no mask of the same name" in result.output
-
-
-def test_submit_without_test_images_fails_before_training(workdir, tmp_path):
-    for name in ("a.png", "b.png"):
-        make_pair(tmp_path / "d", name, rgb(32), np.zeros((32, 32), np.uint8))
-    result = cli("--data-dir", tmp_path / "d", *TINY, "--submit")
-    assert result.exit_code == 2 and "no test images" in result.output
-    assert "Epoch" not in result.output
-
-
-def test_debug_shows_the_traceback(workdir):
-    result = cli("--data-dir", "nowhere", "--debug")
-    assert result.exit_code != 0 and result.exc_info[0].__name__ == "InputError"

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from data_cil import (InputError, Pair, binary_mask, class_mask, find_pairs, find_test_images,
-                      load_pairs, parse_palette, read_image, split_pairs)
-from tests.helpers import make_pair, rgb, road_mask, save
+                      fold_assignment, load_pairs, parse_palette, read_image, split_pairs,
+                      write_json_once)
+from tests.conftest import make_pair, rgb, road_mask, save
 
 
 def test_pairs_are_matched_by_name_whatever_the_extension(tmp_path):
@@ -125,3 +126,24 @@ def test_test_images_are_found_in_both_layouts(tmp_path):
     assert list(find_test_images(tmp_path / "cil")) == [7]
     with pytest.raises(InputError, match="no test images"):
         find_test_images(tmp_path)
+
+
+def test_folds_are_seeded_even_and_stratified_by_foreground():
+    foreground = np.random.default_rng(0).random(23) ** 3        # mostly sparse, a few dense
+    folds = fold_assignment(foreground, 5, seed=1)
+    assert folds == fold_assignment(foreground, 5, seed=1) != fold_assignment(foreground, 5, 2)
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() <= 1 and sizes.sum() == 23
+    means = [foreground[np.array(folds) == fold].mean() for fold in range(5)]
+    shuffled = np.random.default_rng(1).permutation(23) % 5       # unstratified, for scale
+    plain = [foreground[shuffled == fold].mean() for fold in range(5)]
+    assert np.ptp(means) < np.ptp(plain)
+    with pytest.raises(InputError, match="found 3 image\\(s\\) for --folds 5"):
+        fold_assignment([0.1, 0.2, 0.3], 5, seed=0)
+
+
+def test_a_file_written_once_is_never_replaced(tmp_path):
+    assert write_json_once(tmp_path / "c.json", {"a": 1})
+    assert not write_json_once(tmp_path / "c.json", {"a": 2})
+    assert (tmp_path / "c.json").read_text() == '{\n  "a": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from losses_cil import (LOSS_TERMS, SegmentationLoss, SegmentationMetric, auto_class_weights,
-                        evaluation_metrics, parse_loss, training_metrics)
+from data_cil import InputError
+from losses_cil import (LOSS_FUNCTIONS, SegmentationLoss, SegmentationMetric, auto_class_weights,
+                        evaluation_metrics, training_metrics)
+from settings_cil import LOSS_TERMS, monitored_metrics, parse_loss
 from model_cil import build_unet
 
 BINARY_LOSSES = [term for term in LOSS_TERMS] + ["bce+patch_f1", "focal+dice"]
@@ -81,8 +83,19 @@ def test_auto_class_weights_are_inverse_frequencies():
 
 
 def test_unknown_loss_names_list_the_choices():
-    with pytest.raises(ValueError, match="'dcie' is not a loss; choose from bce, dice"):
+    with pytest.raises(InputError, match="'dcie' is not a loss; choose from bce, dice"):
         parse_loss("bce+dcie")
+
+
+def test_every_loss_name_has_exactly_one_function_and_no_more():
+    assert set(LOSS_FUNCTIONS) == set(LOSS_TERMS)
+    with pytest.raises(InputError, match="'hinge' is not a loss"):
+        SegmentationLoss("hinge")
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_the_monitor_vocabulary_is_what_training_logs(classes):
+    assert [metric.name for metric in training_metrics(classes)] == monitored_metrics(classes)
 
 
 def numpy_scores(truth, pred):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from losses_cil import SegmentationLoss
-from model_cil import (FusedBatchNormalization, build_model, build_tiny_unet, build_unet,
-                       required_multiple)
+from model_cil import (BUILDERS, FusedBatchNormalization, build_model, build_tiny_unet,
+                       build_unet, required_multiple)
+from settings_cil import MODEL_NAMES, TINY_UNET_POOLINGS, input_multiple
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 80), (400 // 16 * 16, 64)])
@@ -23,7 +24,11 @@ def test_output_has_the_input_size_and_one_channel_per_class(size, classes):
 def test_the_classic_configuration_is_the_31_million_parameter_unet():
     model = build_unet(filters=64, depth=4, batchnorm=False)
     assert model.count_params() == 31_031_745
-    assert f"{model.count_params() / 1e6:.1f} M" == "31.0 M"
+    # Ronneberger et al.: "In total the network has 23 convolutional layers", widths 64..1024.
+    convolutions = [layer for layer in model.layers
+                    if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+    assert len(convolutions) == 23
+    assert max(layer.filters for layer in convolutions) == 1024
 
 
 def test_tiny_unet_has_nvidias_widths_and_about_1_8_million_parameters():
@@ -36,9 +41,17 @@ def test_tiny_unet_has_nvidias_widths_and_about_1_8_million_parameters():
     assert model.predict_on_batch(np.zeros((2, 64, 48, 3), np.float32)).shape == (2, 64, 48, 1)
 
 
-def test_required_multiple_follows_the_depth():
-    assert required_multiple(build_model("unet", filters=2, depth=2)) == 4
-    assert required_multiple(build_model("tiny-unet", filters=99, depth=99)) == 16
+def test_required_multiple_follows_the_depth_and_the_settings_know_it():
+    assert required_multiple(build_model("unet", filters=2, depth=2)) == 4 == input_multiple(
+        "unet", 2)
+    tiny = build_model("tiny-unet", filters=99, depth=99)
+    assert required_multiple(tiny) == 2**TINY_UNET_POOLINGS == input_multiple("tiny-unet", 99)
+
+
+def test_every_model_name_has_exactly_one_builder_and_unknown_names_fail():
+    assert set(BUILDERS) == set(MODEL_NAMES)
+    with pytest.raises(ValueError, match="unknown model 'vnet'; choose one of unet, tiny-unet"):
+        build_model("vnet")
 
 
 def test_builders_return_uncompiled_models():

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 import mask_to_submission as m2s
 from data_cil import InputError
-from tests.helpers import save
+from tests.conftest import save
 
 
 def mask_with_patch(x, y, size=608):
@@ -84,3 +84,10 @@ def test_the_cli_reports_and_fails_cleanly(tmp_path):
     result = runner.invoke(m2s.main, ["--to-masks", str(tmp_path / "s.csv"), "-o",
                                       str(tmp_path / "back")])
     assert result.exit_code == 0 and (tmp_path / "back/mask_001.png").is_file()
+
+
+def test_patch_means_average_partial_edge_patches_like_the_courses_script():
+    mask = np.zeros((20, 40))
+    mask[16:, 32:] = 1.0                                  # the 4x8 corner patch, all road
+    means = m2s.patch_means(mask)
+    assert means.shape == (2, 3) and means[1, 2] == 1.0 and means.sum() == 1.0

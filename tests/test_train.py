@@ -14,18 +14,15 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from data_cil import NO_AUG, resolve_aug, training_dataset
+from pipeline_cil import training_dataset
 from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
-from main_cil import main, settings_from
+from main_cil import main
 from model_cil import build_unet
-from tests.test_cli import TINY, cli
+from settings_cil import AUG_NEUTRAL, NO_PERTURBATION, resolve_aug
+from tests.conftest import TINY, cli, resolved
 from train_cil import RunCheckpoint, learning_rate, make_optimizer, run_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def resolved(*args):
-    return settings_from(main.make_context("main_cil", [str(a) for a in args]))
 
 
 def test_the_nvidia_recipe_resolves_to_its_documented_values():
@@ -34,7 +31,8 @@ def test_the_nvidia_recipe_resolves_to_its_documented_values():
                                                                            "adaptive")
     assert (settings["init"], settings["weight_decay"], settings["batchnorm"]) == ("he_uniform",
                                                                                  1e-5, False)
-    assert settings["aug"] == resolve_aug(dict(horizontal_flip=True, quarter_turns=True), [])
+    assert settings["aug"] == resolve_aug(dict(AUG_NEUTRAL, horizontal_flip=True,
+                                               quarter_turns=True))
     rate = learning_rate(settings["lr_schedule"], settings["lr"], decay=settings["lr_decay"],
                          decay_steps=settings["lr_decay_steps"])
     assert [float(rate(step)) for step in (0, 499, 500, 1000)] == pytest.approx(
@@ -67,12 +65,13 @@ def two_cpus():
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
+@pytest.mark.slow
 def test_two_replicas_both_get_data_and_stay_equal():
     strategy = two_cpus()
     images = [np.random.default_rng(s).integers(0, 256, (32, 32, 3)).astype(np.uint8)
               for s in range(4)]
     masks = [(image[..., 0] > 127).astype(np.uint8) for image in images]
-    stream = training_dataset(images, masks, batch_size=4, aug=NO_AUG, seed=0)
+    stream = training_dataset(images, masks, batch_size=4, aug=NO_PERTURBATION, seed=0)
     first = next(iter(strategy.experimental_distribute_dataset(stream)))
     assert [x.shape[0] for x in strategy.experimental_local_results(first[0])] == [2, 2]
     with strategy.scope():
@@ -111,6 +110,7 @@ def final_weights(run):
 RESUMABLE = [*TINY, "--epochs", "3", "--patience", "0", "--count", "3"]   # 5 steps per epoch
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(workdir, road_dir, monkeypatch):
     assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "whole").exit_code == 0
     keep_epoch_end = RunCheckpoint.on_epoch_end
@@ -132,6 +132,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(workdir, road_d
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir,
                                                                    monkeypatch):
     assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "whole").exit_code == 0
@@ -157,6 +158,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, road
         assert np.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_real_sigterm_to_the_process_exits_with_a_resumable_checkpoint(tmp_path, road_dir):
     command = [sys.executable, str(REPO / "main_cil.py"), "--data-dir", str(road_dir), *TINY,
                "--epochs", "100", "--patience", "0", "--run-name", "job"]
@@ -175,6 +177,7 @@ def test_a_real_sigterm_to_the_process_exits_with_a_resumable_checkpoint(tmp_pat
     assert (tmp_path / "logs/job/checkpoint" / saved["file"]).is_file()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, road_dir, monkeypatch):
     keep_batch_end = RunCheckpoint.on_train_batch_end
 

@@ -1,0 +1,195 @@
+"""Settings: one owner for every default, the precedence of sources, config files and the
+environment, what --resume and --from-run restore, the help, and a command line that does not
+load TensorFlow until a run starts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import settings_cil
+from data_cil import InputError
+from settings_cil import (CONFIG_EXCLUDED, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES,
+                          RESUME_OVERRIDES, Settings, learned_names)
+from tests.conftest import REPO, cli, resolved
+
+
+def test_precedence_command_line_environment_config_recipe_default(workdir, monkeypatch):
+    config = workdir / "c.json"
+    config.write_text(json.dumps({"lr": 0.02, "epochs": 7, "batch-size": 3, "filters": 12}))
+    monkeypatch.setenv("CIL_EPOCHS", "9")
+    monkeypatch.setenv("CIL_BATCH_SIZE", "5")
+    settings = resolved("--recipe", "classic", "--config", config, "--batch-size", "6")
+    assert settings.batch_size == 6 and settings.sources["batch_size"] == "command line"
+    assert settings.epochs == 9 and settings.sources["epochs"] == "environment CIL_EPOCHS"
+    assert settings.lr == 0.02 and settings.sources["lr"] == f"config {config}"
+    assert settings.filters == 12                      # the config file beats the recipe
+    assert settings.loss == "bce" and settings.sources["loss"] == "recipe classic"
+    assert settings.patience == 15 and settings.sources["patience"] == "default"
+
+
+def test_flags_and_perturbations_come_from_the_environment_too(workdir, monkeypatch):
+    monkeypatch.setenv("CIL_BATCHNORM", "false")
+    monkeypatch.setenv("CIL_AUG", "rotation_range=10 zoom_range=0.2")
+    settings = resolved()
+    assert settings.batchnorm is False and settings.aug["rotation_range"] == 10
+    assert settings.aug["zoom_range"] == (0.8, 1.2) and settings.aug["quarter_turns"]
+
+
+def test_a_config_file_may_hold_perturbations_and_flags_in_json(workdir):
+    config = workdir / "c.json"
+    config.write_text(json.dumps({"aug": {"rotation_range": 5}, "no_aug": False,
+                                  "batchnorm": False, "tta": 8}))
+    settings = resolved("--config", config)
+    assert settings.aug["rotation_range"] == 5 and settings.aug["vertical_flip"]
+    assert settings.batchnorm is False and settings.tta == 8
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"epochz": 3}, "'epochz' is not an option; did you mean epochs?"),
+    ({"batch_sise": 3}, "did you mean batch-size?"),
+    ({"resume": "logs/x"}, "'resume' cannot come from a config file"),
+    ({"epochs": "many"}, "epochs: 'many' is not a valid integer"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_config_file_errors_name_the_key_and_the_closest_option(workdir, content, message):
+    config = workdir / "c.json"
+    config.write_text(json.dumps(content))
+    result = cli("--config", config)
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and not (workdir / "logs").exists()
+
+
+def test_settings_are_immutable_and_replace_records_the_source():
+    settings = resolved()
+    with pytest.raises(AttributeError):
+        settings.epochs = 3
+    changed = settings.replace("model file", classes=3)
+    assert (settings.classes, changed.classes) == (1, 3)
+    assert changed.sources["classes"] == "model file" and isinstance(changed, Settings)
+
+
+def saved_run(folder, **changes):
+    """A run folder whose config.json records non-default values of every learned option."""
+    settings = dict(resolved(), **changes)
+    record = settings_cil.config_record(Settings(settings, {}), folder.name)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(record))
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint/state.json").write_text(json.dumps({"epoch": 1, "step": 0,
+                                                              "file": "m.keras"}))
+    return folder
+
+
+# A value unlike the default for every learned option; a new learned option without an entry
+# here makes the test below fail, so what --resume restores cannot silently miss one.
+NOT_DEFAULT = dict(
+    data_dir="elsewhere", limit=5, valid_fraction=0.3, seed=7, classes=3, palette=None,
+    aug={"rotation_range": 12.0}, no_aug=True, crop=64, count=2, model="tiny-unet", filters=5,
+    depth=3, dropout=0.25, batchnorm=False, activation="leaky_relu", init="he_uniform",
+    weight_decay=0.01, epochs=9, batch_size=3, lr=0.05, optimizer="sgd", rho=0.5, momentum=0.7,
+    centered=True, lr_schedule="cosine", lr_decay=0.5, lr_decay_steps=7, loss="dice",
+    class_weights="1,2,3", monitor="val_mean_iou", patience=4, amp=True, folds=3, fold=1)
+
+
+def test_resume_restores_every_learned_option(workdir):
+    assert set(NOT_DEFAULT) == set(learned_names())
+    defaults = resolved()
+    folder = saved_run(workdir / "logs/r", **NOT_DEFAULT)
+    settings = resolved("--resume", folder, "--epochs", "20", "--lr", "0.9")
+    for name, value in NOT_DEFAULT.items():
+        if name == "aug":
+            assert settings.aug["rotation_range"] == 12.0
+        elif name == "epochs":
+            assert settings.epochs == 20                # a resumed run may train longer
+        elif name == "data_dir":
+            assert str(settings.data_dir) == value
+        elif value is not None:
+            assert settings[name] == value != defaults[name], name
+    # a fold's run (fold=1) belongs to the cross-validated run that holds it, here "logs"
+    assert settings.run_name == "logs" and settings.logs_dir == workdir
+
+
+def test_resume_says_which_flags_it_ignores(workdir):
+    folder = saved_run(workdir / "logs/r", lr=0.05)
+    result = cli("--resume", folder, "--lr", "0.9", "--data-dir", "nowhere")
+    assert "note: --resume continues with the run's own settings; ignored --data-dir, --lr" \
+        in result.output
+
+
+def test_from_run_takes_learned_settings_best_epoch_and_tuned_threshold(workdir):
+    folder = saved_run(workdir / "logs/v", filters=6, crop=48, depth=3)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"best_epoch": 4, "tuned": {"threshold": 0.35, "patch_threshold": 0.3}}))
+    settings = resolved("--submit", "--from-run", folder, "--crop", "32")
+    assert (settings.filters, settings.epochs, settings.threshold) == (6, 4, 0.35)
+    assert settings.patch_threshold == 0.3
+    assert settings.crop == 32 and settings.sources["filters"] == f"run {folder}"
+
+
+def test_a_runs_config_json_reruns_it_as_a_config_file(workdir):
+    folder = saved_run(workdir / "logs/v", filters=6, lr=0.05, run_name="v")
+    settings = resolved("--config", folder / "config.json")
+    assert (settings.filters, settings.lr, settings.run_name) == (6, 0.05, None)
+    assert settings.sources["filters"] == f"config {folder / 'config.json'}"
+
+
+def test_the_recipes_only_name_options():
+    for recipe in RECIPES.values():
+        assert set(recipe) <= {option.name for option in OPTIONS}
+    assert set(CONFIG_EXCLUDED) <= {option.name for option in OPTIONS}
+    assert set(RESUME_OVERRIDES) <= set(learned_names())
+
+
+def test_help_lists_the_options_in_their_groups_with_defaults():
+    result = cli("--help")
+    assert result.exit_code == 0
+    headings = [line.rstrip(":") for line in result.output.splitlines()
+                if line.endswith(":") and not line.startswith(" ")]
+    assert headings == [group.capitalize() for group in GROUPS] + ["Other"]
+    assert "[default: 60" in result.output and "--epochs" in result.output
+    assert all(option.group in GROUPS for option in OPTIONS)
+    assert set(LEARNED_GROUPS) < set(GROUPS)
+
+
+def python_modules_after(code):
+    """The modules a fresh interpreter has loaded after running `code` in the repository."""
+    probe = f"{code}\nimport sys\nprint('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("code", [
+    "import main_cil, grid_cil, mask_to_submission, runs_cil, settings_cil",
+    "import runpy, sys\nsys.argv = ['main_cil.py', '--help']\n"
+    "try:\n    runpy.run_path('main_cil.py', run_name='__main__')\nexcept SystemExit:\n    pass",
+    "import runpy, sys\nsys.argv = ['main_cil.py', '--epochz', '3']\n"
+    "try:\n    runpy.run_path('main_cil.py', run_name='__main__')\nexcept SystemExit:\n    pass",
+    "import runpy, sys\nsys.argv = ['grid_cil.py', '--help']\n"
+    "try:\n    runpy.run_path('grid_cil.py', run_name='__main__')\nexcept SystemExit:\n    pass",
+    "import runpy, sys\nsys.argv = ['mask_to_submission.py', '--help']\n"
+    "try:\n    runpy.run_path('mask_to_submission.py', run_name='__main__')\nexcept SystemExit:\n"
+    "    pass",
+])
+def test_help_usage_errors_grid_and_converter_never_import_tensorflow(code):
+    result = python_modules_after(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_a_usage_error_is_click_s_and_quick(workdir):
+    result = cli("--epochz", "3")
+    assert result.exit_code == 2 and "No such option '--epochz'" in result.output
+    assert "Did you mean one of: '--depth', '--epochs'" in result.output
+
+
+def test_bad_option_values_from_the_environment_name_the_variable(workdir, monkeypatch):
+    monkeypatch.setenv("CIL_EPOCHS", "x")
+    result = cli()
+    assert result.exit_code == 2 and "CIL_EPOCHS" in result.output
+
+
+def test_an_unsafe_run_name_is_refused_before_anything_is_read():
+    with pytest.raises(InputError, match="a run name is one folder name"):
+        resolved("--run-name", "../escape")
