@@ -11,8 +11,15 @@ pipeline, as one Markdown table (printed) and JSON (written).
    at 608x608 and its share;
 3. input pipeline images/s with the default perturbations against the legacy pair of Keras
    ImageDataGenerators sharing one seed, and the distinct mask values each leaves;
-4. the peak resident memory of a training run of main_cil.py.
+4. the peak resident memory of a training run of main_cil.py;
+5. how long `--help` of each entry point takes, each in a fresh interpreter (startup);
+6. with --part encoders: per keras.applications encoder (a U-Net decoder on it), parameters,
+   training and inference images/s and the peak memory of measuring it, each in its own process;
+7. with --part tiles: time and peak memory of predicting one image of 608, 2048 and 5000 pixels
+   in 256-pixel tiles (and whole, where it fits), each in its own process.
 Warm-up runs are excluded; each figure is the median of several repetitions.
+
+    python bench_cil.py --part encoders --part tiles   # the README's encoder and tile tables
 """
 
 import json
@@ -29,7 +36,8 @@ import numpy as np
 
 from data_cil import InputError, find_pairs, load_pairs, synthetic_road_pair
 from main_cil import import_tensorflow
-from settings_cil import BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, resolve_aug
+from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,
+                          resolve_aug)
 
 # TensorFlow first, without its C++ start-up lines; then what builds on it.
 tf = import_tensorflow()
@@ -42,12 +50,27 @@ from pipeline_cil import training_dataset
 
 MATMUL_SIDE = 4096           # large enough that numpy's BLAS runs at full speed
 TEST_SIDE = 608              # the Kaggle test images
-MODELS = {                   # label: builder options
-    "unet f=16 (default)": dict(name="unet"),
-    "unet f=64 (classic)": dict(name="unet", filters=64, batchnorm=False, dropout=0.5),
-    "tiny-unet": dict(name="tiny-unet", batchnorm=False, initializer="he_uniform"),
-}
+MODEL_KEYS = {"model": "name", "filters": "filters", "depth": "depth", "dropout": "dropout",
+              "batchnorm": "batchnorm", "init": "initializer"}   # setting -> builder argument
+
+
+def recipe_model(recipe):
+    """The builder options of a recipe's model, as settings_cil.RECIPES has them."""
+    return {MODEL_KEYS[key]: value for key, value in RECIPES[recipe].items() if key in MODEL_KEYS}
+
+
+MODELS = {"unet f=16 (default)": dict(name="unet"),          # label: builder options
+          "unet f=64 (classic)": recipe_model("classic"),
+          "tiny-unet": recipe_model("nvidia-tinyunet")}
 POLICIES = ("float32", "mixed_bfloat16")   # mixed_float16 is --amp's policy, for GPUs
+PARTS = ("peak", "models", "pipeline", "memory", "startup", "encoders", "tiles")
+DEFAULT_PARTS = ("peak", "models", "pipeline", "memory", "startup")
+ENTRY_POINTS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py")
+BENCH_ENCODERS = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb3", "efficientnetv2b0",
+                  "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
+TILE_SIDES = (608, 2048, 5000)   # a test image, a larger aerial tile, a whole 5000x5000 scene
+WHOLE_LIMIT = 2048               # sides predicted whole too; 5000 whole needs >20 GiB here
+TILE, OVERLAP = 256, 64
 CHECKED_BATCHES = 10         # batches whose mask values are counted, after the timed ones
 # image_side: of the generated images, used when --data-dir holds no road images
 QUICK = dict(side=256, repeats=2, train_steps=2, crop=64, batch=2, images=4, infer_side=64,
@@ -179,12 +202,67 @@ def peak_training_memory(data_dir, quick):
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
-def measure(data_dir, quick):
+def startup_seconds(repeats):
+    """{entry point: median seconds of `python <it> --help`} in fresh interpreters."""
+    folder = Path(__file__).parent
+    times = {}
+    for script in ENTRY_POINTS:
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(folder / script), "--help"], check=True,
+                           capture_output=True)
+            runs.append(time.perf_counter() - start)
+        times[script] = statistics.median(runs)
+    return times
+
+
+def encoder_row_of(encoder, p):
+    """Parameters, training and inference images/s of a U-Net on `encoder` (this process)."""
+    model = build_model("unet", encoder=encoder)
+    return dict(params=model.count_params(),
+                encoder_params=model.get_layer("encoder").count_params(),
+                train_images_per_s=training_rate(model, p["crop"], p["batch"], p["train_steps"],
+                                                 p["repeats"]),
+                infer_images_per_s=inference_rate(model, p["infer_side"], p["repeats"]))
+
+
+def in_own_process(option, value, quick):
+    """Run this script with `option value` in a fresh process; its JSON answer and peak MiB."""
+    args = [sys.executable, __file__, option, str(value)] + (["--quick"] if quick else [])
+    answer = subprocess.run(args, check=True, capture_output=True, text=True)
+    return json.loads(answer.stdout.strip().splitlines()[-1])
+
+
+def tile_row_of(side, quick):
+    """Seconds and peak MiB of predicting one side x side image in tiles, and whole."""
+    from predict_cil import predict_probabilities, predict_tiled
+    model = build_model("unet")
+    image = np.random.default_rng(0).integers(0, 256, (side, side, 3)).astype(np.uint8)
+    tile = 64 if quick else TILE
+    predict_tiled(model, image[:tile, :tile], tile=tile, overlap=OVERLAP // 4 if quick
+                  else OVERLAP)                         # warm-up
+    start = time.perf_counter()
+    predict_tiled(model, image, tile=tile, overlap=OVERLAP // 4 if quick else OVERLAP)
+    row = dict(tiled_seconds=time.perf_counter() - start, tiled_peak_mib=peak_mib())
+    if side <= WHOLE_LIMIT:
+        start = time.perf_counter()
+        predict_probabilities(model, image)
+        row.update(whole_seconds=time.perf_counter() - start, whole_peak_mib=peak_mib())
+    return row
+
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(data_dir, quick, parts):
     p = QUICK if quick else FULL
     rows = {}
-    peak = matmul_peak(p["side"], p["repeats"])
-    rows["matmul peak"] = dict(gflops=peak / 1e9)
-    for label, options in MODELS.items():
+    if "peak" in parts or "models" in parts:
+        peak = matmul_peak(p["side"], p["repeats"])
+        rows["matmul peak"] = dict(gflops=peak / 1e9)
+    for label, options in (MODELS.items() if "models" in parts else ()):
         options = dict(options)
         model = build_model(options.pop("name"), **options)
         flops = forward_flops(model, p["crop"])
@@ -194,16 +272,28 @@ def measure(data_dir, quick):
         rows[label] = dict(params=model.count_params(), gflops_per_image=flops / 1e9,
                            train_images_per_s=train, train_share=3 * flops * train / peak,
                            infer_images_per_s=infer, infer_share=infer_flops * infer / peak)
-    images, masks = road_images(data_dir, p["images"], p["image_side"])
-    ours, ours_values = pipeline_rate(images, masks, p["crop"], p["batch"], p["pipeline_batches"],
-                                      p["repeats"])
-    full, _ = pipeline_rate(images, masks, None, p["batch"], p["pipeline_batches"], p["repeats"])
-    legacy, legacy_values = legacy_pair_rate(images, masks, p["batch"], p["pipeline_batches"],
-                                             p["repeats"])
-    rows["pipeline"] = dict(crop_images_per_s=ours, full_images_per_s=full,
-                            legacy_images_per_s=legacy, mask_values=ours_values,
-                            legacy_mask_values=legacy_values)
-    rows["memory"] = dict(peak_mib=peak_training_memory(data_dir, quick))
+    if "pipeline" in parts:
+        images, masks = road_images(data_dir, p["images"], p["image_side"])
+        ours, ours_values = pipeline_rate(images, masks, p["crop"], p["batch"],
+                                          p["pipeline_batches"], p["repeats"])
+        full, _ = pipeline_rate(images, masks, None, p["batch"], p["pipeline_batches"],
+                                p["repeats"])
+        legacy, legacy_values = legacy_pair_rate(images, masks, p["batch"],
+                                                 p["pipeline_batches"], p["repeats"])
+        rows["pipeline"] = dict(crop_images_per_s=ours, full_images_per_s=full,
+                                legacy_images_per_s=legacy, mask_values=ours_values,
+                                legacy_mask_values=legacy_values)
+    if "memory" in parts:
+        rows["memory"] = dict(peak_mib=peak_training_memory(data_dir, quick))
+    if "startup" in parts:
+        rows["startup"] = startup_seconds(2 if quick else 5)
+    if "encoders" in parts:
+        encoders = BENCH_ENCODERS[-1:] if quick else BENCH_ENCODERS
+        rows["encoders"] = {name: in_own_process("--encoder-row", name, quick)
+                            for name in encoders}
+    if "tiles" in parts:
+        sides = (96, 160) if quick else TILE_SIDES
+        rows["tiles"] = {side: in_own_process("--tile-row", side, quick) for side in sides}
     return dict(settings=p, results=rows, versions=dict(tensorflow=tf.__version__,
                                                         keras=keras.__version__))
 
@@ -211,32 +301,57 @@ def measure(data_dir, quick):
 def markdown(report):
     r = report["results"]
     p = report["settings"]
-    peak = r["matmul peak"]["gflops"]
-    default = r["unet f=16 (default)"]
-    lines = [f"matmul peak (numpy float32, {p['side']}x{p['side']}): {peak:.0f} GFLOP/s; "
-             f"models run with Keras' {report['policy']} policy", "",
-             f"| model | parameters | GFLOP/image at {p['crop']}x{p['crop']} | train images/s "
-             f"(batch {p['batch']}) | train share of peak | inference images/s at "
-             f"{p['infer_side']}x{p['infer_side']} | inference share of peak |",
-             "|---|---|---|---|---|---|---|"]
-    for label, row in r.items():
-        if "params" in row:
-            lines.append(f"| {label} | {row['params']:,} | {row['gflops_per_image']:.2f} | "
-                         f"{row['train_images_per_s']:.2f} | {row['train_share']:.0%} | "
-                         f"{row['infer_images_per_s']:.2f} | {row['infer_share']:.0%} |")
-    pipe = r["pipeline"]
-    lines += ["", "| input pipeline | images/s | vs legacy pair | vs default model training "
-              "| distinct mask values |", "|---|---|---|---|---|",
-              f"| tf.data, default perturbations, {p['crop']}x{p['crop']} crops | "
-              f"{pipe['crop_images_per_s']:.0f} | "
-              f"{pipe['crop_images_per_s'] / pipe['legacy_images_per_s']:.1f}x | "
-              f"{pipe['crop_images_per_s'] / default['train_images_per_s']:.0f}x | "
-              f"{pipe['mask_values']} |",
-              f"| tf.data, default perturbations, whole images | {pipe['full_images_per_s']:.0f} | "
-              f"{pipe['full_images_per_s'] / pipe['legacy_images_per_s']:.1f}x | | |",
-              f"| two ImageDataGenerators, one seed, whole images | "
-              f"{pipe['legacy_images_per_s']:.1f} | 1x | | {pipe['legacy_mask_values']} |",
-              "", f"peak resident memory of a training run: {r['memory']['peak_mib']:.0f} MiB"]
+    lines = []
+    if "unet f=16 (default)" in r:
+        peak = r["matmul peak"]["gflops"]
+        lines += [f"matmul peak (numpy float32, {p['side']}x{p['side']}): {peak:.0f} GFLOP/s; "
+                  f"models run with Keras' {report['policy']} policy", "",
+                  f"| model | parameters | GFLOP/image at {p['crop']}x{p['crop']} | train "
+                  f"images/s (batch {p['batch']}) | train share of peak | inference images/s at "
+                  f"{p['infer_side']}x{p['infer_side']} | inference share of peak |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, row in r.items():
+            if "gflops_per_image" in row:
+                lines.append(f"| {label} | {row['params']:,} | {row['gflops_per_image']:.2f} | "
+                             f"{row['train_images_per_s']:.2f} | {row['train_share']:.0%} | "
+                             f"{row['infer_images_per_s']:.2f} | {row['infer_share']:.0%} |")
+    if "pipeline" in r:
+        pipe = r["pipeline"]
+        default = r.get("unet f=16 (default)")
+        versus = (f"{pipe['crop_images_per_s'] / default['train_images_per_s']:.0f}x"
+                  if default else "")
+        lines += ["", "| input pipeline | images/s | vs legacy pair | vs default model "
+                  "training | distinct mask values |", "|---|---|---|---|---|",
+                  f"| tf.data, default perturbations, {p['crop']}x{p['crop']} crops | "
+                  f"{pipe['crop_images_per_s']:.0f} | "
+                  f"{pipe['crop_images_per_s'] / pipe['legacy_images_per_s']:.1f}x | {versus} | "
+                  f"{pipe['mask_values']} |",
+                  f"| tf.data, default perturbations, whole images | "
+                  f"{pipe['full_images_per_s']:.0f} | "
+                  f"{pipe['full_images_per_s'] / pipe['legacy_images_per_s']:.1f}x | | |",
+                  f"| two ImageDataGenerators, one seed, whole images | "
+                  f"{pipe['legacy_images_per_s']:.1f} | 1x | | {pipe['legacy_mask_values']} |"]
+    if "memory" in r:
+        lines += ["", f"peak resident memory of a training run: {r['memory']['peak_mib']:.0f} MiB"]
+    if "startup" in r:
+        lines += ["", "| `--help` of | seconds (median, fresh interpreter) |", "|---|---|"]
+        lines += [f"| {script} | {seconds:.2f} |" for script, seconds in r["startup"].items()]
+    if "encoders" in r:
+        lines += ["", f"| encoder (U-Net decoder, 16 filters) | parameters (encoder) | train "
+                  f"images/s at {p['crop']}x{p['crop']}, batch {p['batch']} | inference images/s "
+                  f"at {p['infer_side']}x{p['infer_side']} | peak memory MiB |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {row['params']:,} ({row['encoder_params']:,}) | "
+                  f"{row['train_images_per_s']:.2f} | {row['infer_images_per_s']:.2f} | "
+                  f"{row['peak_mib']:.0f} |" for name, row in r["encoders"].items()]
+    if "tiles" in r:
+        lines += ["", f"| image side | tiled ({TILE}, overlap {OVERLAP}) seconds | tiled peak "
+                  "MiB | whole seconds | whole peak MiB |", "|---|---|---|---|---|"]
+        for side, row in r["tiles"].items():
+            whole = (f"{row['whole_seconds']:.1f} | {row['whole_peak_mib']:.0f}"
+                     if "whole_seconds" in row else "not run | not run")
+            lines.append(f"| {side} | {row['tiled_seconds']:.1f} | {row['tiled_peak_mib']:.0f} | "
+                         f"{whole} |")
     return "\n".join(lines)
 
 
@@ -248,15 +363,24 @@ def markdown(report):
               show_default=True, help="Where the JSON goes.")
 @click.option("--policy", type=click.Choice(POLICIES), default="float32", show_default=True,
               help="Keras dtype policy of the model rows; the peak and its shares stay float32.")
-def main(quick, data_dir, output, policy):
+@click.option("--part", "parts", type=click.Choice(PARTS), multiple=True,
+              help=f"What to measure (repeatable) [default: {', '.join(DEFAULT_PARTS)}].")
+@click.option("--encoder-row", hidden=True)
+@click.option("--tile-row", type=int, hidden=True)
+def main(quick, data_dir, output, policy, parts, encoder_row, tile_row):
     """Measure training, inference and input speed against the machine's peak."""
+    if encoder_row or tile_row:                     # one row, in its own process
+        p = QUICK if quick else FULL
+        row = encoder_row_of(encoder_row, p) if encoder_row else tile_row_of(tile_row, quick)
+        click.echo(json.dumps(dict(row, peak_mib=peak_mib())))
+        return
     try:
         check_output_path(output, force=True)      # before minutes of measuring, not after
     except InputError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
     keras.mixed_precision.set_global_policy(policy)
-    report = dict(measure(data_dir, quick), policy=policy)
+    report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS), policy=policy)
     output.write_text(json.dumps(report, indent=2) + "\n")
     click.echo(markdown(report))
 

@@ -344,6 +344,12 @@ def job_command(folder):
     return [sys.executable, str(REPO / "grid_cil.py"), "job", str(Path(folder).resolve())]
 
 
+def shell_command(words):
+    """`words` as one command line for the scheduler's shell, which it replaces (exec): the job
+    runner is then the job's process and sees its signals, and the job ends when it does."""
+    return f"exec {shlex.join(words)}"
+
+
 def lsf_submission(folder, job_name, resources, gpus):
     hours, minutes = walltime_parts(resources["walltime"])
     words = ["bsub", "-J", job_name, "-n", str(resources["cores"]), "-W", f"{hours}:{minutes:02d}",
@@ -365,7 +371,7 @@ def lsf_submission(folder, job_name, resources, gpus):
         raise GridError("resources qos: LSF has no quality of service; drop it or use partition "
                         "(the queue)")
     output = Path(folder).resolve() / SCHEDULER_OUTPUT
-    return [*words, "-o", f"{output}/lsf-%J.out", shlex.join(job_command(folder))]
+    return [*words, "-o", f"{output}/lsf-%J.out", shell_command(job_command(folder))]
 
 
 def slurm_resources(resources, gpus):
@@ -419,7 +425,7 @@ def submit_slurm_array(grid_dir, folders, job_name, resources, gpus, dry_run):
     task = [sys.executable, str(REPO / "grid_cil.py"), "job", "--array", str(listing)]
     command = ["sbatch", "--parsable", f"--job-name={job_name}", f"--array=0-{len(folders) - 1}",
                *slurm_resources(resources, gpus), f"--output={output}/slurm-%A_%a.out",
-               f"--chdir={REPO}", "--export=ALL", f"--wrap={shlex.join(task)}"]
+               f"--chdir={REPO}", "--export=ALL", f"--wrap={shell_command(task)}"]
     if dry_run:
         return shlex.join(command)
     try:
@@ -452,7 +458,7 @@ def submit_slurm_single(folder, job_name, resources, gpus, dry_run):
         output.mkdir(exist_ok=True)
     command = ["sbatch", "--parsable", f"--job-name={job_name}",
                *slurm_resources(resources, gpus), f"--output={output}/slurm-%j.out",
-               f"--chdir={REPO}", "--export=ALL", f"--wrap={shlex.join(job_command(folder))}"]
+               f"--chdir={REPO}", "--export=ALL", f"--wrap={shell_command(job_command(folder))}"]
     if dry_run:
         return shlex.join(command)
     answer = submit(command, folder.name)

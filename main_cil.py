@@ -18,15 +18,14 @@ from datetime import datetime
 from pathlib import Path
 
 import click
-
 import numpy as np
 
 from data_cil import (InputError, find_pairs, find_test_images, fold_assignment, load_pairs,
                       parse_palette, split_pairs, train_sample_size, write_json, write_json_once,
                       write_synthetic_dataset)
 from runs_cil import (FOLD_PREFIX, Run, TrainingDiverged, TrainingInterrupted, close_run,
-                      fold_folder, make_folder, open_run, path, read_json, read_record,
-                      read_state)
+                      fold_folder, make_folder, open_run, path, read_json, read_metrics,
+                      read_record, read_state, run_folder_of)
 from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES, OPTIONS,
                           GroupedCommand, config_record, input_multiple, learned_names,
                           parse_class_weights, parse_loss, resolve_settings)
@@ -119,8 +118,11 @@ def distribution(settings):
     import tensorflow as tf
     cores = next((os.environ[name] for name in CORE_VARIABLES if os.environ.get(name)), None)
     if cores and cores.isdigit():
-        tf.config.threading.set_intra_op_parallelism_threads(int(cores))
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores)))
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(cores))
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores)))
+        except RuntimeError:        # TensorFlow already ran in this process: threads are set
+            cores = None
     found = tf.config.list_physical_devices("GPU")
     if settings.gpus == 0:
         tf.config.set_visible_devices([], "GPU")
@@ -144,8 +146,9 @@ def distribution(settings):
 
 def default_run_name(settings):
     width = "" if settings.model == "tiny-unet" else str(settings.filters)
+    encoder = f"-{settings.encoder}" if settings.encoder else ""
     mode = "-submit" if settings.submit else ""
-    return f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}{width}{mode}"
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{settings.model}{width}{encoder}{mode}"
 
 
 def run_name(settings):
@@ -189,15 +192,18 @@ def build_and_compile(settings, steps_per_epoch, class_weights):
     from losses_cil import SegmentationLoss, training_metrics
     from model_cil import build_model
     from train_cil import learning_rate, make_optimizer
-    model = build_model(settings.model, classes=settings.classes, filters=settings.filters,
-                        depth=settings.depth, dropout=settings.dropout,
+    model = build_model(settings.model, encoder=settings.encoder,
+                        encoder_weights=settings.encoder_weights, classes=settings.classes,
+                        filters=settings.filters, depth=settings.depth, dropout=settings.dropout,
                         batchnorm=settings.batchnorm, activation=settings.activation,
                         initializer=settings.init, weight_decay=settings.weight_decay)
     rate = learning_rate(settings.lr_schedule, settings.lr, decay=settings.lr_decay,
                          decay_steps=settings.lr_decay_steps,
                          total_steps=steps_per_epoch * settings.epochs)
     optimizer = make_optimizer(settings.optimizer, rate, rho=settings.rho,
-                               momentum=settings.momentum, centered=settings.centered)
+                               momentum=settings.momentum, centered=settings.centered,
+                               encoder_lr_scale=settings.encoder_lr_scale if settings.encoder
+                               else None)
     model.compile(optimizer=optimizer,
                   loss=SegmentationLoss(settings.loss, classes=settings.classes,
                                         class_weights=class_weights),
@@ -225,7 +231,8 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
             model = build_and_compile(settings, steps, class_weights)
     crop = settings.crop or None
     sample = f"{crop}x{crop} crops" if crop else "whole images"
-    echo(f"model {settings.model}: {model.count_params():,} parameters; training on "
+    encoder = f" on {settings.encoder}" if settings.encoder else ""
+    echo(f"model {settings.model}{encoder}: {model.count_params():,} parameters; training on "
          f"{len(train_images)} images ({sample}, {settings.count}x per epoch), batch "
          f"{global_batch}, {steps} steps per epoch, up to {settings.epochs} epochs")
 
@@ -248,7 +255,8 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
         fit(model, stream, valid_data, epochs=settings.epochs, steps_per_epoch=steps,
             callbacks=run_callbacks(run.folder, checkpoint=checkpoint, panel=panel,
                                     schedule=settings.lr_schedule, epoch_lines=epoch_lines),
-            checkpoint=checkpoint, state=state, verbose=verbose)
+            checkpoint=checkpoint, state=state, verbose=verbose,
+            freeze_epochs=settings.freeze_encoder)
     return checkpoint
 
 
@@ -267,9 +275,14 @@ def finish(settings, run, model, report=None):
                     report["valid"])
 
 
-def checked_sizes(settings, images):
+def preflight(settings, images):
+    """What can fail before training fails now, before the run folder exists: the sample sizes
+    against the model, and an encoder's starting weights (found, and fitting)."""
     train_sample_size(images, settings.crop, settings.aug,
-                      input_multiple(settings.model, settings.depth))
+                      input_multiple(settings.model, settings.depth, settings.encoder))
+    if settings.encoder and settings.encoder_weights != "none" and not settings.resume:
+        from model_cil import backbone
+        backbone(settings.encoder, settings.encoder_weights)
 
 
 def validated_run(settings, run, strategy, replicas, train_set, valid_set):
@@ -284,7 +297,7 @@ def validated_run(settings, run, strategy, replicas, train_set, valid_set):
     echo(f"\nbest {settings.monitor} {checkpoint.best:.4f} at epoch {checkpoint.best_epoch}"
          f" of {len(checkpoint.epoch_seconds)}; model: {run.file('best_model')}")
     model = keras.models.load_model(run.file("best_model"))
-    probabilities = predicted([model], valid_images, settings.tta)
+    probabilities = predicted([model], valid_images, settings)
     report = report_validation(settings, run, valid_pairs, valid_images, valid_masks,
                                probabilities, palette_of(settings))
     write_json(run.file("metrics"), dict(checkpoint.summary(), class_weights=class_weights,
@@ -298,7 +311,7 @@ def train_and_validate(settings):
     train_pairs, valid_pairs = split_pairs(pairs, settings.valid_fraction, settings.seed)
     train_set = (train_pairs, *load(train_pairs, settings))
     valid_set = (valid_pairs, *load(valid_pairs, settings))
-    checked_sizes(settings, train_set[1])
+    preflight(settings, train_set[1])
     strategy, replicas = distribution(settings)
     with opened_run(settings) as run:
         write_json(run.file("split"), dict(seed=settings.seed,
@@ -344,11 +357,12 @@ def cross_validation_run(settings, pairs, assignment):
 def cross_validate(settings):
     """--folds K: each fold (or only --fold i) trained and validated in its own run inside the
     cross-validated run, resumed where interrupted, kept where finished; once every fold is,
-    the out-of-fold report."""
+    the out-of-fold report. With --weights (one model per fold, as --from-run of a
+    cross-validated run gives them) the folds are predicted again, not trained."""
     from predict_cil import cross_validation_report, write_oof
     pairs = selected_pairs(settings)
     images, masks = load(pairs, settings)
-    checked_sizes(settings, images)
+    preflight(settings, images)
     assignment = fold_assignment([float(np.mean(mask > 0)) for mask in masks], settings.folds,
                                  settings.seed)
     strategy, replicas = distribution(settings)
@@ -372,8 +386,11 @@ def cross_validate(settings):
             if not resume:
                 write_json(run.file("split"), dict(fold=fold, train=[p.name for p in train_set[0]],
                                                    valid=[p.name for p in valid_set[0]]))
-            probabilities = validated_run(fold_settings, run, strategy, replicas, train_set,
-                                          valid_set)
+            if settings.weights:
+                probabilities = revalidated_fold(fold_settings, run, valid_set)
+            else:
+                probabilities = validated_run(fold_settings, run, strategy, replicas, train_set,
+                                              valid_set)
             write_oof(run.file("oof"), valid_set[0], valid_set[2], probabilities)
     finished = [fold for fold in range(settings.folds)
                 if path(fold_folder(parent.folder, fold), "oof").is_file()]
@@ -386,13 +403,27 @@ def cross_validate(settings):
     echo(f"out-of-fold report: {parent.file('metrics')}")
 
 
+def revalidated_fold(settings, run, valid_set):
+    """A fold's held-out images predicted by its saved model (settings.weights[fold]), with this
+    run's prediction settings; the outputs, table and metrics.json as if it had trained."""
+    from predict_cil import load_saved_model, predicted, report_validation
+    weights = settings.weights[settings.fold]
+    model = load_saved_model(weights, settings.classes)
+    echo(f"model {weights}: predicting its held-out images again, no training")
+    probabilities = predicted([model], valid_set[1], settings)
+    report = report_validation(settings, run, *valid_set, probabilities, palette_of(settings))
+    best_epoch = read_metrics(run_folder_of(weights)).get("best_epoch")
+    write_json(run.file("metrics"), dict(weights=str(weights), best_epoch=best_epoch, **report))
+    return probabilities
+
+
 def train_and_submit(settings):
     import keras
     from predict_cil import write_test_predictions
     pairs = selected_pairs(settings)
     images, masks = load(pairs, settings)
     tests = find_test_images(settings.data_dir)    # fail now, not after hours of training
-    checked_sizes(settings, images)
+    preflight(settings, images)
     class_weights = resolved_class_weights(settings, masks)
     strategy, replicas = distribution(settings)
     with opened_run(settings) as run:
@@ -435,17 +466,29 @@ def predict_with_weights(settings):
     images, masks = load(valid_pairs, settings)
     with opened_run(settings) as run:
         report = report_validation(settings, run, valid_pairs, images, masks,
-                                   predicted(models, images, settings.tta), palette_of(settings))
+                                   predicted(models, images, settings), palette_of(settings))
         write_json(run.file("metrics"), dict(weights=weights, **report))
         finish(settings, run, models[0], report)
 
 
+def fetch_weights(name):
+    """--fetch-weights: the encoder's ImageNet weights into Keras' cache, downloaded if missing."""
+    from keras.src.backend.config import keras_home
+    from model_cil import backbone
+    network = backbone(name, "imagenet")
+    echo(f"{name}: ImageNet weights ({network.count_params():,} parameters) are in Keras' cache "
+         f"{Path(keras_home()).expanduser() / 'models'}; jobs find them there (or set KERAS_HOME "
+         "to a shared copy)")
+
+
 def run(settings):
     import_tensorflow(quiet=not settings.debug)
-    if settings.weights:
-        predict_with_weights(settings)
+    if settings.fetch_weights:
+        fetch_weights(settings.fetch_weights)
     elif settings.folds:
         cross_validate(settings)
+    elif settings.weights:
+        predict_with_weights(settings)
     elif settings.submit:
         train_and_submit(settings)
     else:

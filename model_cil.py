@@ -1,23 +1,38 @@
 """U-Net family builders: plain functions returning uncompiled, fully convolutional Keras models.
 
-Every model takes raw 0..255 pixels (the rescaling is the first layer, so a saved model predicts
-on images as they are read) and returns probabilities: a sigmoid map for binary masks, a softmax
-over the classes otherwise. Input height and width are free but must be multiples of
-`required_multiple(model)`, because every pooling halves them.
+Every model takes raw 0..255 pixels (the rescaling, or a pretrained encoder's own preprocessing,
+is part of the model, so a saved model predicts on images as they are read) and returns
+probabilities: a sigmoid map for binary masks, a softmax over the classes otherwise. Input
+height and width are free but must be multiples of `required_multiple(model)`, because every
+pooling or strided step halves them. Decoders: Ronneberger's U-Net, or UNet++'s nested skips
+(Zhou et al. 2018), on the model's own encoder or on a keras.applications backbone.
 """
+
+import contextlib
+import os
+import socket
+import urllib.parse
+import warnings
+from pathlib import Path
 
 import keras
 import tensorflow as tf
 from keras import layers
 
-from settings_cil import ACTIVATION, DEPTH, DROPOUT, FILTERS, INIT, MODEL_NAMES
+from data_cil import InputError
+from settings_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODER_POOLINGS, ENCODERS, FILTERS, INIT,
+                          MODEL_NAMES, TINY_UNET_POOLINGS)
+
+MULTIPLE_MARKER = "input_sides_multiple_of_"   # the name of a no-op layer after the input
+NETWORK_TIMEOUT = 5          # seconds to reach the weights' server before calling it offline
+PROBE_SIDE = 64              # input side at which an encoder's feature strides are read off
 
 BATCHNORM_MOMENTUM = 0.9     # Keras' 0.99 lags for hundreds of steps; short runs validated badly
 
 # NVIDIA's TinyUNet (UNet_Industrial, model/unet.py, variant "tinyUNet"): widths of the input
 # block, the three down blocks, the bottleneck and the output block.
 TINY_INPUT_FILTERS = 32
-TINY_BLOCK_FILTERS = (32, 64, 128)   # + the input block: settings_cil.TINY_UNET_POOLINGS
+TINY_BLOCK_FILTERS = (32, 64, 128)   # + the input block: TINY_UNET_POOLINGS poolings
 TINY_BOTTLENECK_FILTERS = 256
 TINY_OUTPUT_FILTERS = 32
 
@@ -72,31 +87,72 @@ def _weight_decay_regularizer(weight_decay):
     return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
 
 
+def image_input(input_channels, multiple):
+    """The model's input, and the no-op layer after it that records what its sides must be
+    multiples of (saved with the model, read by required_multiple)."""
+    inputs = keras.Input((None, None, input_channels), name="image")
+    return inputs, layers.Identity(name=f"{MULTIPLE_MARKER}{multiple}")(inputs)
+
+
+def _upsampled(x, width, conv_args):
+    """H, W double: a 2x2 transposed convolution with stride 2."""
+    return layers.Conv2DTranspose(width, 2, strides=2, kernel_initializer=conv_args["initializer"],
+                                  kernel_regularizer=conv_args["regularizer"])(x)
+
+
+def unet_decoder(features, widths, conv_args):
+    """Ronneberger's decoder over encoder features, finest first, coarsest (the bottleneck)
+    last: up from each level, concatenate that level's features (None: none there), two convs."""
+    x = features[-1]
+    for level in reversed(range(len(features) - 1)):
+        x = _upsampled(x, widths[level], conv_args)
+        if features[level] is not None:
+            x = layers.Concatenate()([x, features[level]])
+        x = conv_block(x, [widths[level]] * 2, **conv_args)
+    return x
+
+
+def nested_decoder(features, widths, conv_args):
+    """UNet++ (Zhou et al. 2018): node (level, j) joins the level's earlier nodes with the
+    upsampled node (level + 1, j - 1), so every skip passes through convolutions of its own;
+    the output is node (0, deepest)."""
+    nodes = {(level, 0): feature for level, feature in enumerate(features)}
+    deepest = len(features) - 1
+    for j in range(1, deepest + 1):
+        for level in range(deepest - j + 1):
+            joined = [nodes[(level, k)] for k in range(j) if nodes[(level, k)] is not None]
+            joined.append(_upsampled(nodes[(level + 1, j - 1)], widths[level], conv_args))
+            x = layers.Concatenate()(joined) if len(joined) > 1 else joined[0]
+            nodes[(level, j)] = conv_block(x, [widths[level]] * 2, **conv_args)
+    return nodes[(0, deepest)]
+
+
+DECODERS = {"unet": unet_decoder, "unet++": nested_decoder}
+
+
 def build_unet(*, input_channels=3, classes=1, filters=FILTERS, depth=DEPTH, dropout=DROPOUT,
-               batchnorm=True, activation=ACTIVATION, initializer=INIT, weight_decay=0.0):
-    """Ronneberger's U-Net: `depth` poolings, widths filters * 2**level, transposed-conv upsampling.
+               batchnorm=True, activation=ACTIVATION, initializer=INIT, weight_decay=0.0,
+               decoder="unet"):
+    """Ronneberger's U-Net: `depth` poolings, widths filters * 2**level, transposed-conv upsampling;
+    with decoder="unet++" the nested skips of UNet++ on the same encoder.
 
     filters=64, depth=4, batchnorm=False is the classic 31.0 M-parameter network.
     """
     conv_args = dict(batchnorm=batchnorm, activation=activation, initializer=initializer,
                      regularizer=_weight_decay_regularizer(weight_decay))
-    inputs = keras.Input((None, None, input_channels), name="image")
-    x = layers.Rescaling(1 / 255)(inputs)
-    skips = []
+    inputs, x = image_input(input_channels, 2**depth)
+    x = layers.Rescaling(1 / 255)(x)
+    features = []
     for level in range(depth):
         x = conv_block(x, [filters * 2**level] * 2, **conv_args)
-        skips.append(x)
+        features.append(x)
         x = layers.MaxPooling2D(2)(x)                        # H, W halve
     x = conv_block(x, [filters * 2**depth] * 2, **conv_args)  # bottleneck at H / 2**depth
-    if dropout:
-        x = layers.Dropout(dropout)(x)
-    for level in reversed(range(depth)):
-        x = layers.Conv2DTranspose(filters * 2**level, 2, strides=2,
-                                   kernel_initializer=initializer,
-                                   kernel_regularizer=conv_args["regularizer"])(x)  # H, W double
-        x = layers.Concatenate()([x, skips[level]])
-        x = conv_block(x, [filters * 2**level] * 2, **conv_args)
-    return keras.Model(inputs, output_layer(x, classes), name="unet")
+    features.append(layers.Dropout(dropout)(x) if dropout else x)
+    widths = [filters * 2**level for level in range(depth)]
+    x = DECODERS[decoder](features, widths, conv_args)
+    return keras.Model(inputs, output_layer(x, classes), name="unet" if decoder == "unet"
+                       else "unet_nested")
 
 
 def _upscale_conv(x, filters, *, activation, initializer, regularizer):
@@ -118,8 +174,8 @@ def build_tiny_unet(*, input_channels=3, classes=1, dropout=DROPOUT, batchnorm=F
     conv_args = dict(batchnorm=batchnorm, activation=activation, initializer=initializer,
                      regularizer=regularizer)
     up_args = dict(activation=activation, initializer=initializer, regularizer=regularizer)
-    inputs = keras.Input((None, None, input_channels), name="image")
-    x = layers.Rescaling(1 / 255)(inputs)
+    inputs, x = image_input(input_channels, 2**TINY_UNET_POOLINGS)
+    x = layers.Rescaling(1 / 255)(x)
     skips = []
     for width in (TINY_INPUT_FILTERS, *TINY_BLOCK_FILTERS):
         x = conv_block(x, [width, width], **conv_args)
@@ -138,17 +194,173 @@ def build_tiny_unet(*, input_channels=3, classes=1, dropout=DROPOUT, batchnorm=F
     return keras.Model(inputs, output_layer(x, classes), name="tiny_unet")
 
 
-BUILDERS = {"unet": build_unet, "tiny-unet": build_tiny_unet}   # settings_cil.MODEL_NAMES
+# ---------------------------------------------------------------------------------------------
+# U-Nets on keras.applications encoders
 
 
-def build_model(name, **options):
-    """The model `name` (one of MODEL_NAMES) built with `options`."""
+def _caffe_preprocessing():
+    """What VGG's ImageNet weights expect: BGR, the ImageNet mean subtracted; a fixed 1x1
+    convolution, so the saved model needs no custom code."""
+    swap = tf.constant([[0, 0, 1], [0, 1, 0], [1, 0, 0]], tf.float32)[None, None]
+    return layers.Conv2D(3, 1, trainable=False, name="caffe_preprocessing",
+                         kernel_initializer=keras.initializers.Constant(swap.numpy()),
+                         bias_initializer=keras.initializers.Constant([-103.939, -116.779,
+                                                                       -123.68]))
+
+
+# settings_cil.ENCODERS -> (keras.applications constructor, the preprocessing of 0..255 RGB it
+# expects outside itself: None where the backbone includes its own)
+APPLICATIONS = keras.applications
+BACKBONES = {
+    "vgg16": (APPLICATIONS.VGG16, _caffe_preprocessing),
+    "resnet50": (APPLICATIONS.ResNet50, _caffe_preprocessing),
+    "resnet50v2": (APPLICATIONS.ResNet50V2, lambda: layers.Rescaling(1 / 127.5, offset=-1)),
+    **{f"efficientnetb{i}": (getattr(APPLICATIONS, f"EfficientNetB{i}"), None) for i in range(8)},
+    **{f"efficientnetv2{size}": (getattr(APPLICATIONS, f"EfficientNetV2{size.upper()}"), None)
+       for size in ("b0", "b1", "b2", "b3", "s", "m")},
+    "convnext_tiny": (APPLICATIONS.ConvNeXtTiny, None),
+    "mobilenetv3small": (APPLICATIONS.MobileNetV3Small, None),
+    "mobilenetv3large": (APPLICATIONS.MobileNetV3Large, None),
+}
+
+
+def feature_indices(constructor):
+    """For strides 2, 4, ..., 2**ENCODER_POOLINGS, the index of the backbone's last layer at
+    that resolution (padding layers aside), or None where it has none (ConvNeXt starts at 4):
+    read off a copy built at a fixed PROBE_SIDE, so the skips are derived, never listed."""
+    probe = constructor(include_top=False, weights=None, input_shape=(PROBE_SIDE, PROBE_SIDE, 3))
+    indices = []
+    for stride in (2**level for level in range(1, ENCODER_POOLINGS + 1)):
+        side = PROBE_SIDE // stride
+        at = [index for index, layer in enumerate(probe.layers)
+              if not isinstance(layer, layers.ZeroPadding2D)
+              and tuple(layer.output.shape[1:3]) == (side, side)]
+        indices.append(at[-1] if at else None)
+    return indices
+
+
+def _reachable(url):
+    host = urllib.parse.urlparse(url).hostname
+    try:
+        socket.create_connection((host, 443), timeout=NETWORK_TIMEOUT).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def cached_weights_only(name, download):
+    """While inside, keras.applications takes pretrained weights from Keras' cache (KERAS_HOME or
+    ~/.keras/models); a missing file is downloaded only when `download` and the server answers,
+    else InputError naming the file and the command that fetches it. Keras' get_file has no
+    offline mode, so it is wrapped for the moment (keras.src.utils.file_utils, Keras 3)."""
+    from keras.src.utils import file_utils
+    original = file_utils.get_file
+
+    def get_file(fname, origin, cache_subdir="datasets", **options):
+        cached = Path(os.path.expanduser(file_utils.config.keras_home())) / cache_subdir / fname
+        if cached.is_file():
+            return str(cached)
+        if download and _reachable(origin):
+            return original(fname, origin, cache_subdir=cache_subdir, **options)
+        raise InputError(f"{cached}: the {name} ImageNet weights are not in Keras' cache and "
+                         f"{urllib.parse.urlparse(origin).hostname} cannot be reached from here; "
+                         f"fetch them where it can (a login node): python main_cil.py "
+                         f"--fetch-weights {name}, then copy {cached.parent} here if the "
+                         "folder is not shared")
+
+    file_utils.get_file = get_file
+    try:
+        yield
+    finally:
+        file_utils.get_file = original
+
+
+def backbone(name, weights="none", download=True):
+    """The encoder `name` without its classifier, for inputs of any size: random weights (none),
+    ImageNet's (imagenet, from the cache first), or those of a weights file (a path)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    constructor, _ = BACKBONES[name]
+    with cached_weights_only(name, download):
+        model = constructor(include_top=False, input_shape=(None, None, 3),
+                            weights="imagenet" if weights == "imagenet" else None)
+    if weights not in ("imagenet", "none", None):
+        path = Path(weights)
+        if not path.is_file():
+            raise InputError(f"--encoder-weights {path}: file not found; pass imagenet, none or "
+                             "a weights file of this encoder")
+        try:
+            with warnings.catch_warnings():
+                # Keras skips parts that do not match with a warning; here that is a mismatch
+                warnings.simplefilter("error", UserWarning)
+                model.load_weights(path)
+        except Exception as error:  # shapes, layer counts, formats: all mean it does not fit
+            reason = (str(error).strip().splitlines() or [""])[0][:160]
+            raise InputError(f"--encoder-weights {path}: does not fit the {name} encoder "
+                             f"({type(error).__name__}: {reason}); pass weights saved from "
+                             f"a {name}") from None
+    return model
+
+
+def build_encoder_unet(encoder, *, encoder_weights="none", classes=1, filters=FILTERS,
+                       dropout=DROPOUT, batchnorm=True, activation=ACTIVATION, initializer=INIT,
+                       weight_decay=0.0, decoder="unet", input_channels=3, **_):
+    """A U-Net (or UNet++) decoder on a keras.applications encoder: skips at strides 2, 4, 8 and
+    16, the bottleneck at 32, decoder widths filters * 2, 4, 8, 16 there and a last block of
+    `filters` at full resolution. The encoder's preprocessing is part of the model; the encoder
+    is the layer named "encoder" (--freeze-encoder acts on it)."""
+    if input_channels != 3:
+        raise ValueError("pretrained encoders take RGB images (3 channels)")
+    conv_args = dict(batchnorm=batchnorm, activation=activation, initializer=initializer,
+                     regularizer=_weight_decay_regularizer(weight_decay))
+    constructor, preprocessing = BACKBONES[encoder]
+    indices = feature_indices(constructor)
+    network = backbone(encoder, encoder_weights)
+    present = [index for index in indices if index is not None]
+    encoder_model = keras.Model(network.input, [network.layers[i].output for i in present],
+                                name="encoder")
+    inputs, x = image_input(3, 2**ENCODER_POOLINGS)
+    if preprocessing is not None:
+        x = preprocessing()(x)
+    outputs = iter(encoder_model(x))
+    features = [next(outputs) if index is not None else None for index in indices]
+    if dropout:
+        features[-1] = layers.Dropout(dropout)(features[-1])
+    widths = [filters * 2**level for level in range(1, ENCODER_POOLINGS)]
+    x = DECODERS[decoder](features, widths, conv_args)         # at stride 2
+    x = conv_block(_upsampled(x, filters, conv_args), [filters] * 2, **conv_args)
+    name = f"{'unet' if decoder == 'unet' else 'unet_nested'}_{encoder}"
+    return keras.Model(inputs, output_layer(x, classes), name=name)
+
+
+BUILDERS = {"unet": build_unet,                                     # settings_cil.MODEL_NAMES
+            "unet++": lambda **options: build_unet(decoder="unet++", **options),
+            "tiny-unet": build_tiny_unet}
+
+
+def build_model(name, *, encoder=None, **options):
+    """The model `name` (one of MODEL_NAMES) built with `options`; on the keras.applications
+    `encoder` when one is named (U-Net and UNet++)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if encoder:
+        options.pop("depth", None)
+        return build_encoder_unet(encoder, decoder="unet" if name == "unet" else "unet++",
+                                  **options)
+    options.pop("encoder_weights", None)
     return BUILDERS[name](**options)
 
 
 def required_multiple(model):
-    """Input sides must be multiples of this: 2 ** (number of poolings)."""
-    poolings = sum(isinstance(layer, layers.MaxPooling2D) for layer in model.layers)
-    return 2**poolings
+    """Input sides must be multiples of this: what the model's builder recorded, or for models
+    saved before it did, 2 ** (number of poolings)."""
+    for layer in model.layers:
+        if layer.name.startswith(MULTIPLE_MARKER):
+            return int(layer.name.removeprefix(MULTIPLE_MARKER))
+    return 2**sum(isinstance(layer, layers.MaxPooling2D) for layer in model.layers)
+
+
+def encoder_layer(model):
+    """The pretrained encoder inside a model, or None."""
+    return next((layer for layer in model.layers if layer.name == "encoder"), None)

@@ -73,12 +73,53 @@ def predict_probabilities(model, image, *, tta=1):
     return mean[:h, :w]
 
 
-def ensemble_probabilities(models, image, *, tta=1):
+def _tile_starts(size, tile, stride):
+    """Where tiles start along one side: every `stride` pixels, the last flush with the end."""
+    return [*range(0, size - tile, stride), size - tile]
+
+
+def tile_window(tile, overlap):
+    """(tile, tile, 1) blending weights: 1 inside, falling linearly to near 0 across the
+    `overlap` at each edge, so the sum over overlapping tiles changes smoothly."""
+    distance = np.minimum(np.arange(tile) + 0.5, tile - np.arange(tile) - 0.5)
+    ramp = np.minimum(1.0, distance / overlap) if overlap else np.ones(tile)
+    return np.outer(ramp, ramp).astype(np.float32)[..., None]
+
+
+def predict_tiled(model, image, *, tile, overlap, tta=1):
+    """(H, W, C) probabilities for an image of any size from tile x tile pieces that overlap by
+    `overlap` pixels, each predicted with TTA and blended with tile_window: the model never holds
+    more than one tile's activations, whatever the size of the image."""
+    h, w = image.shape[:2]
+    padding = ((0, max(0, tile - h)), (0, max(0, tile - w)), (0, 0))
+    padded = np.pad(image, padding, mode="symmetric")
+    window = tile_window(tile, overlap)
+    total = weight = None
+    for top in _tile_starts(padded.shape[0], tile, tile - overlap):
+        for left in _tile_starts(padded.shape[1], tile, tile - overlap):
+            piece = predict_probabilities(model, padded[top:top + tile, left:left + tile],
+                                          tta=tta)
+            if total is None:
+                total = np.zeros((*padded.shape[:2], piece.shape[-1]), np.float32)
+                weight = np.zeros((*padded.shape[:2], 1), np.float32)
+            total[top:top + tile, left:left + tile] += piece * window
+            weight[top:top + tile, left:left + tile] += window
+    return (total / weight)[:h, :w]
+
+
+def predict_image(model, image, *, tta=1, tile=0, overlap=0):
+    """One model's probabilities for one image: whole, or in tiles when `tile`."""
+    if tile:
+        return predict_tiled(model, image, tile=tile, overlap=overlap, tta=tta)
+    return predict_probabilities(model, image, tta=tta)
+
+
+def ensemble_probabilities(models, image, *, tta=1, tile=0, overlap=0):
     """The mean of several models' probabilities (each with TTA) for one image; time and memory
     grow with the number of models, one model's activations at a time."""
     total = None
     for model in models:
-        probabilities = predict_probabilities(model, image, tta=tta)
+        probabilities = predict_image(model, image, tta=tta, tile=tile, overlap=overlap)
         total = probabilities if total is None else total + probabilities
     return total / len(models)
 
@@ -281,9 +322,11 @@ def format_table(table, classes):
     return "\n".join(lines)
 
 
-def predicted(models, images, tta):
-    """Full-size probabilities of each image, averaged over the models."""
-    return [ensemble_probabilities(models, image, tta=tta) for image in images]
+def predicted(models, images, settings):
+    """Full-size probabilities of each image, averaged over the models, as the settings say
+    (TTA, tiles)."""
+    return [ensemble_probabilities(models, image, tta=settings.tta, tile=settings.tile,
+                                   overlap=settings.overlap) for image in images]
 
 
 def report_validation(settings, run, pairs, images, masks, probabilities, palette=None):
@@ -332,8 +375,9 @@ def write_test_predictions(models, settings, run, tests, palette=None):
     images, labels = [], {}
     for number, file in tests.items():
         image = read_image(file)
-        labels[number] = labels_from(ensemble_probabilities(models, image, tta=settings.tta),
-                                     classes, threshold)
+        labels[number] = labels_from(ensemble_probabilities(
+            models, image, tta=settings.tta, tile=settings.tile, overlap=settings.overlap),
+            classes, threshold)
         write_png(run.submit_dir / f"{file.stem}.png", mask_png(labels[number], classes))
         images.append(image)
     summary = dict(test_images=len(tests), models=len(models), threshold=threshold,

@@ -10,6 +10,7 @@ No TensorFlow here: `--help`, usage errors and the grid read this module only.
 """
 
 import difflib
+import functools
 import importlib.metadata
 import json
 import math
@@ -72,8 +73,17 @@ PIXEL_THRESHOLD = 0.5        # probability from which a pixel counts as foregrou
 # (model_cil.BUILDERS, losses_cil.LOSS_FUNCTIONS, train_cil.OPTIMIZER_CLASSES, ...); the tests
 # check that the two agree, and an unknown name is an error there too, never a fallback.
 
-MODEL_NAMES = ("unet", "tiny-unet")
+MODEL_NAMES = ("unet", "unet++", "tiny-unet")
 TINY_UNET_POOLINGS = 4       # NVIDIA's TinyUNet: an input block and three down blocks
+# keras.applications backbones a U-Net or UNet++ decoder can sit on (model_cil.BACKBONES)
+ENCODERS = ("vgg16", "resnet50", "resnet50v2", *(f"efficientnetb{i}" for i in range(8)),
+            *(f"efficientnetv2{size}" for size in ("b0", "b1", "b2", "b3", "s", "m")),
+            "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
+ENCODER_POOLINGS = 5         # skips at strides 2, 4, 8, 16, the bottleneck at 32
+ENCODER_LR_SCALE = 10.0      # the unfrozen encoder learns this many times slower
+# Prediction of large images in tiles: 0 predicts the whole image at once
+TILE = 0
+OVERLAP = 64                 # pixels two neighbouring tiles share, blended
 ACTIVATIONS = ("relu", "leaky_relu")
 INITIALIZERS = ("he_normal", "he_uniform")
 LOSS_TERMS = ("bce", "dice", "bce_dice", "jaccard", "focal", "weighted_bce", "adaptive", "patch_f1")
@@ -160,32 +170,9 @@ class Option(click.Option):
             raise
 
 
-def _data(*declarations, **attributes):
-    return Option(*declarations, group="data", **attributes)
-
-
-def _perturbation(*declarations, **attributes):
-    return Option(*declarations, group="perturbations", **attributes)
-
-
-def _model(*declarations, **attributes):
-    return Option(*declarations, group="model", **attributes)
-
-
-def _recipe(*declarations, **attributes):
-    return Option(*declarations, group="recipe", **attributes)
-
-
-def _training(*declarations, **attributes):
-    return Option(*declarations, group="training", **attributes)
-
-
-def _prediction(*declarations, **attributes):
-    return Option(*declarations, group="prediction", **attributes)
-
-
-def _runs(*declarations, **attributes):
-    return Option(*declarations, group="runs", **attributes)
+# One maker of options per group, in the order of GROUPS.
+_data, _perturbation, _model, _recipe, _training, _prediction, _runs = (
+    functools.partial(Option, group=group) for group in GROUPS)
 
 
 FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
@@ -218,7 +205,14 @@ OPTIONS = [
     _perturbation("--count", type=click.IntRange(min=1), default=COUNT,
                   help="Times each training image is shown per epoch."),
     _model("--model", type=click.Choice(MODEL_NAMES), default="unet",
-           help="Architecture: the classic U-Net family or NVIDIA's TinyUNet."),
+           help="Architecture: the classic U-Net family, UNet++'s nested skips, or NVIDIA's "
+                "TinyUNet."),
+    _model("--encoder", type=click.Choice(ENCODERS),
+           help="A keras.applications backbone as the U-Net's (or UNet++'s) encoder "
+                "[default: the U-Net's own]."),
+    _model("--encoder-weights", default="none", metavar="imagenet|none|PATH",
+           help="The encoder's starting weights: ImageNet's (from Keras' cache, see "
+                "--fetch-weights), random, or a weights file of that encoder."),
     _model("--filters", type=click.IntRange(min=1), default=FILTERS,
            help="U-Net width at the top level; it doubles at each level down."),
     _model("--depth", type=click.IntRange(1, 7), default=DEPTH,
@@ -266,6 +260,10 @@ OPTIONS = [
                                 "[default: val_f1, or val_mean_iou for several classes]."),
     _training("--patience", type=click.IntRange(min=0), default=PATIENCE,
               help="Stop after this many epochs without improvement; 0 never stops early."),
+    _training("--freeze-encoder", type=click.IntRange(min=0), default=0, metavar="EPOCHS",
+              help="Keep the encoder's weights (batch norm included) fixed for this many epochs."),
+    _training("--encoder-lr-scale", type=click.FloatRange(min=1), default=ENCODER_LR_SCALE,
+              help="After the frozen epochs the encoder learns with --lr divided by this."),
     _training("--amp", is_flag=True, help="Mixed float16 precision on GPUs (ignored on the CPU)."),
     _prediction("--submit", is_flag=True,
                 help="Train on all pairs, then write test masks and the Kaggle CSV."),
@@ -286,6 +284,11 @@ OPTIONS = [
     _prediction("--patch-threshold", type=click.FloatRange(0, 1, max_open=True),
                 help=f"A patch of the CSV is foreground when this share of its pixels is "
                      f"[default: tuned on validation, else {FOREGROUND_THRESHOLD}]."),
+    _prediction("--tile", type=click.IntRange(min=0), default=TILE,
+                help="Predict images in tiles of this side (a multiple of the model's), blended "
+                     "where they overlap; 0: each image whole."),
+    _prediction("--overlap", type=click.IntRange(min=0), default=OVERLAP,
+                help="Pixels two neighbouring tiles share."),
     _prediction("--export", is_flag=True,
                 help="Write the model as a TensorFlow SavedModel to <run>/export/, which loads "
                      "and predicts without this code; with --weights and no --submit, only that."),
@@ -306,6 +309,9 @@ OPTIONS = [
     _runs("--verbose", type=click.Choice(VERBOSITY), default="auto",
           help="auto: a progress bar on a terminal, one line per epoch otherwise; 0 silent; "
                "1 the bar; 2 the line."),
+    _runs("--fetch-weights", type=click.Choice(ENCODERS), metavar="ENCODER",
+          help="Download the encoder's ImageNet weights into Keras' cache and stop (on a login "
+               "node, for jobs without network)."),
     _runs("--debug", is_flag=True, help="Show tracebacks instead of one-line errors."),
 ]
 
@@ -390,8 +396,10 @@ def default_monitor(classes):
     return "val_f1" if classes == 1 else "val_mean_iou"
 
 
-def input_multiple(model, depth):
+def input_multiple(model, depth, encoder=None):
     """What input sides of `model` must be multiples of: 2 ** (its poolings)."""
+    if encoder:
+        return 2**ENCODER_POOLINGS
     poolings = TINY_UNET_POOLINGS if model == "tiny-unet" else depth
     return 2**poolings
 
@@ -620,21 +628,24 @@ def _given(ctx):
 def earlier_run_layer(given_path, *, submit=False, refit=False):
     """Settings of an earlier run for --from-run: its learned settings, its best epoch as the
     epoch count and its tuned thresholds. A cross-validated run gives its out-of-fold thresholds
-    and, to --submit, its fold models to average (with --refit: the median best epoch)."""
+    and its fold models: to average for --submit, or to predict their held-out images again
+    without --submit (with other prediction settings, such as --tta); --refit instead trains
+    one model for the folds' median best epoch."""
     folder = run_folder_of(given_path)
     record = read_record(folder)
     layer = record_layer(record, learned_names(), folder / "config.json")
     metrics = read_metrics(folder)
-    folds = layer.pop("folds", None)
+    folds = layer.get("folds")
     layer.pop("fold", None)
     if folds and "cross_validation" not in metrics:
         raise InputError(f"{folder}: its folds are not gathered yet; run python main_cil.py "
                          f"--resume {folder} first")
     if folds:
-        cross = metrics["cross_validation"]
+        if submit or refit:
+            layer.pop("folds")                 # one model, or their mean, on all test images
         if refit:
-            layer["epochs"] = cross["median_best_epoch"]
-        elif submit:
+            layer["epochs"] = metrics["cross_validation"]["median_best_epoch"]
+        else:
             layer["weights"] = tuple(fold_folder(folder, index) / "best.keras"
                                      for index in range(folds))
     elif refit:
@@ -680,8 +691,8 @@ def resolve_settings(ctx):
     config = read_config_layer(given["config"]) if given.get("config") else {}
     chosen = {**config, **given}
     if chosen.get("weights") and chosen.get("from_run"):
-        raise InputError("--weights predicts with a saved model and --from-run trains anew; "
-                         "pass one of them")
+        raise InputError("--weights names the models and --from-run takes an earlier run's "
+                         "(or trains anew with its settings); pass one of them")
     if chosen.get("resume"):
         return _resumed(chosen["resume"], given, given_sources)
     defaults = dict(_defaults(), aug=dict(DATA_GEN_ARGS))
@@ -756,7 +767,7 @@ def check_settings(settings):
     """InputError for options that cannot work together, naming what is allowed."""
     if settings.run_name is not None:
         check_run_name(settings.run_name)
-    multiple = input_multiple(settings.model, settings.depth)
+    multiple = input_multiple(settings.model, settings.depth, settings.encoder)
     if settings.crop and settings.crop % multiple:
         raise InputError(f"--crop must be a multiple of {multiple} (the model halves the image "
                          f"{int(math.log2(multiple))} times), got {settings.crop}")
@@ -778,9 +789,23 @@ def check_settings(settings):
     if settings.folds and settings.fold is not None and settings.fold >= settings.folds:
         raise InputError(f"--fold {settings.fold}: folds of --folds {settings.folds} are "
                          f"0..{settings.folds - 1}")
-    if settings.folds and settings.submit and not settings.weights:
+    if settings.folds and settings.submit:
         raise InputError("--folds validates on every fold and --submit trains on all images; "
                          "cross-validate first, then --submit --from-run <that run>")
+    if settings.folds and settings.weights and len(settings.weights) != settings.folds:
+        raise InputError(f"--folds {settings.folds} with --weights: pass one model per fold, in "
+                         f"fold order (got {len(settings.weights)})")
+    if settings.encoder and settings.model == "tiny-unet":
+        raise InputError(f"--encoder {settings.encoder} replaces a U-Net's encoder; use --model "
+                         "unet or unet++ with it")
+    if settings.freeze_encoder and not settings.encoder:
+        raise InputError("--freeze-encoder fixes a pretrained encoder; pass --encoder too")
+    if settings.tile and settings.tile % multiple:
+        raise InputError(f"--tile must be a multiple of {multiple} (what the model's input sides "
+                         f"must be), got {settings.tile}")
+    if settings.tile and not settings.overlap < settings.tile // 2:
+        raise InputError(f"--overlap {settings.overlap} must stay below half of --tile "
+                         f"{settings.tile}")
     if settings.refit and not (settings.submit and settings.from_run):
         raise InputError("--refit retrains a cross-validated run on all images: pass it with "
                          "--submit --from-run <run>")

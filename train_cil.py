@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_cil import write_atomically
+from model_cil import encoder_layer
 from predict_cil import render_mask
 from runs_cil import TrainingDiverged, TrainingInterrupted, path, read_state, write_state
 from settings_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
@@ -50,12 +51,48 @@ def _cosine(lr, *, total_steps, **_):
 
 SCHEDULES = {"constant": _constant, "step": _step, "cosine": _cosine,   # settings_cil.LR_SCHEDULES
              "plateau": _constant}           # ReduceLROnPlateau lowers it during training
-OPTIMIZER_BUILDERS = {                       # settings_cil.OPTIMIZERS
-    "adam": lambda rate, **_: keras.optimizers.Adam(rate),
-    "rmsprop": lambda rate, *, rho, momentum, centered: keras.optimizers.RMSprop(
-        rate, rho=rho, momentum=momentum, centered=centered),
-    "sgd": lambda rate, *, momentum, **_: keras.optimizers.SGD(rate, momentum=momentum),
-}
+class _SlowerEncoder:
+    """An optimizer whose steps for the pretrained encoder's variables use the learning rate
+    divided by `encoder_lr_scale`. Which variables those are is set by training (set_encoder),
+    before the train step is traced; the scale is saved with the optimizer."""
+
+    def __init__(self, *args, encoder_lr_scale=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.encoder_lr_scale = encoder_lr_scale
+        self._encoder_keys = set()
+
+    def set_encoder(self, encoder):
+        self._encoder_keys = {self._var_key(variable) for variable in encoder.trainable_weights}
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._var_key(variable) in self._encoder_keys:
+            learning_rate = learning_rate / self.encoder_lr_scale
+        return super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "encoder_lr_scale": self.encoder_lr_scale}
+
+
+@keras.saving.register_keras_serializable(package="cil")
+class EncoderAdam(_SlowerEncoder, keras.optimizers.Adam):
+    """Adam with a slower pretrained encoder."""
+
+
+@keras.saving.register_keras_serializable(package="cil")
+class EncoderRMSprop(_SlowerEncoder, keras.optimizers.RMSprop):
+    """RMSprop with a slower pretrained encoder."""
+
+
+@keras.saving.register_keras_serializable(package="cil")
+class EncoderSGD(_SlowerEncoder, keras.optimizers.SGD):
+    """SGD with a slower pretrained encoder."""
+
+
+# settings_cil.OPTIMIZERS -> (plain class, class with a slower encoder)
+OPTIMIZER_CLASSES = {"adam": (keras.optimizers.Adam, EncoderAdam),
+                     "rmsprop": (keras.optimizers.RMSprop, EncoderRMSprop),
+                     "sgd": (keras.optimizers.SGD, EncoderSGD)}
+OPTIMIZER_OPTIONS = {"adam": (), "rmsprop": ("rho", "momentum", "centered"), "sgd": ("momentum",)}
 
 
 def learning_rate(schedule, lr, *, decay=LR_DECAY, decay_steps=LR_DECAY_STEPS, total_steps=None):
@@ -65,10 +102,41 @@ def learning_rate(schedule, lr, *, decay=LR_DECAY, decay_steps=LR_DECAY_STEPS, t
     return SCHEDULES[schedule](lr, decay=decay, decay_steps=decay_steps, total_steps=total_steps)
 
 
-def make_optimizer(name, rate, *, rho=RHO, momentum=MOMENTUM, centered=False):
-    if name not in OPTIMIZER_BUILDERS:
+def make_optimizer(name, rate, *, rho=RHO, momentum=MOMENTUM, centered=False,
+                   encoder_lr_scale=None):
+    """The optimizer `name`; with `encoder_lr_scale`, one that steps a pretrained encoder's
+    variables that many times slower."""
+    if name not in OPTIMIZER_CLASSES:
         raise ValueError(f"unknown --optimizer {name}; choose {', '.join(OPTIMIZERS)}")
-    return OPTIMIZER_BUILDERS[name](rate, rho=rho, momentum=momentum, centered=centered)
+    given = dict(rho=rho, momentum=momentum, centered=centered)
+    options = {key: given[key] for key in OPTIMIZER_OPTIONS[name]}
+    plain, slower = OPTIMIZER_CLASSES[name]
+    if encoder_lr_scale is None:
+        return plain(rate, **options)
+    return slower(rate, encoder_lr_scale=encoder_lr_scale, **options)
+
+
+@contextlib.contextmanager
+def trainable_for_saving(model):
+    """While inside, a frozen encoder counts as trainable: a saved model then reloads with an
+    optimizer that has state for every variable, whatever phase it was saved in."""
+    encoder = encoder_layer(model)
+    frozen = encoder is not None and not encoder.trainable
+    if frozen:
+        encoder.trainable = True
+    try:
+        yield
+    finally:
+        if frozen:
+            encoder.trainable = False
+
+
+def saved(model):
+    """A writer of `model` for write_atomically (see trainable_for_saving)."""
+    def write(path):
+        with trainable_for_saving(model):
+            model.save(path)
+    return write
 
 
 @contextlib.contextmanager
@@ -139,7 +207,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         folder = path(self.run_dir, "checkpoint_dir")
         folder.mkdir(exist_ok=True)
         name = f"model-{epoch:04d}-{step:06d}.keras"
-        write_atomically(folder / name, self.model.save)
+        write_atomically(folder / name, saved(self.model))
         previous = read_state(self.run_dir)
         write_state(self.run_dir, dict(
             file=name, epoch=epoch, step=step, best=self.best, best_epoch=self.best_epoch,
@@ -171,7 +239,7 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.best = None if value is None else float(value)
             self.best_epoch = epoch + 1
             self.wait = 0
-            write_atomically(path(self.run_dir, "best_model"), self.model.save)
+            write_atomically(path(self.run_dir, "best_model"), saved(self.model))
         else:
             self.wait += 1
             if self.patience and self.wait >= self.patience:
@@ -251,13 +319,31 @@ def trim_history(run_dir, epochs_done):
         write_atomically(history, lambda p: p.write_text("".join([header, *kept])))
 
 
+def set_encoder_phase(model, frozen):
+    """Freeze or unfreeze the pretrained encoder (batch norm included: a frozen one normalises
+    with its moving statistics), tell the optimizer which variables it has, and trace the
+    train step again for the variables that now train."""
+    encoder = encoder_layer(model)
+    if encoder is None:
+        return
+    encoder.trainable = True
+    if isinstance(model.optimizer, _SlowerEncoder):
+        if not model.optimizer.built:       # state for every variable, frozen or not
+            model.optimizer.build(model.trainable_variables)
+        model.optimizer.set_encoder(encoder)
+    encoder.trainable = not frozen
+    model.make_train_function(force=True)
+
+
 def fit(model, train_data_from, valid_data, *, epochs, steps_per_epoch, callbacks, checkpoint,
-        state=None, verbose=1):
-    """Train to `epochs`, continuing from `state` (a read_state dict) when resuming.
+        state=None, verbose=1, freeze_epochs=0):
+    """Train to `epochs`, continuing from `state` (a read_state dict) when resuming; a
+    pretrained encoder stays frozen for the first `freeze_epochs`.
 
     `train_data_from(step)` returns the training stream starting at that optimizer step. An
     epoch interrupted mid-way is first completed on its own, so epoch boundaries, and with them
-    validation, checkpoints and the data order, fall where an uninterrupted run has them.
+    validation, checkpoints and the data order, fall where an uninterrupted run has them; so
+    does the end of the frozen epochs.
     """
     epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     if state:
@@ -266,11 +352,15 @@ def fit(model, train_data_from, valid_data, *, epochs, steps_per_epoch, callback
     if step:
         phases.append((epoch, epoch + 1, steps_per_epoch - step))
         epoch += 1
+    if epoch < freeze_epochs < epochs:
+        phases.append((epoch, freeze_epochs, steps_per_epoch))
+        epoch = freeze_epochs
     if epoch < epochs:
         phases.append((epoch, epochs, steps_per_epoch))
     for first, last, steps in phases:
         if checkpoint.stopped_early:
             break
+        set_encoder_phase(model, frozen=first < freeze_epochs)
         start = int(model.optimizer.iterations.numpy())
         model.fit(train_data_from(start), validation_data=valid_data, initial_epoch=first,
                   epochs=last, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,

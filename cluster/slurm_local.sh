@@ -15,6 +15,7 @@ CONF=/etc/slurm/slurm.conf
 MARKER="# written by cil-unet cluster/slurm_local.sh"
 
 install() {
+    apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null
 }
 

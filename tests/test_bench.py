@@ -25,7 +25,8 @@ def test_quick_mode_reports_every_part(workdir):
     assert result.exit_code == 0, result.output
     report = json.loads((workdir / "bench.json").read_text())["results"]
     assert set(report) == {"matmul peak", "unet f=16 (default)", "unet f=64 (classic)",
-                           "tiny-unet", "pipeline", "memory"}
+                           "tiny-unet", "pipeline", "memory", "startup"}
+    assert set(report["startup"]) == {"main_cil.py", "grid_cil.py", "mask_to_submission.py"}
     assert report["pipeline"]["mask_values"] == 2
     assert report["pipeline"]["legacy_mask_values"] > 2
     peak = report["matmul peak"]["gflops"] * 1e9
@@ -44,3 +45,18 @@ def test_a_missing_output_folder_is_refused_before_measuring(workdir):
     assert result.exit_code == 2
     assert "missing/bench.json: folder missing does not exist" in result.output
     assert "matmul" not in result.output
+
+
+@pytest.mark.slow
+def test_encoder_and_tile_rows_come_from_their_own_processes(workdir):
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "encoders", "--part",
+                                                 "tiles", "-o", "bench.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "bench.json").read_text())["results"]
+    assert set(report) == {"encoders", "tiles"}
+    row = report["encoders"]["mobilenetv3large"]
+    assert row["params"] > row["encoder_params"] > 0 and row["peak_mib"] > 100
+    assert set(report["tiles"]) == {"96", "160"}
+    assert all(r["tiled_seconds"] > 0 and r["whole_peak_mib"] >= r["tiled_peak_mib"] > 100
+               for r in report["tiles"].values())
+    assert "| mobilenetv3large |" in result.output and "| 160 |" in result.output

@@ -162,8 +162,8 @@ def test_lsf_jobs_follow_the_documented_syntax(tmp_path, monkeypatch, resources,
     argv = calls[0]["argv"]
     assert argv[:2] == ["-J", "g/lr-0.001"] and argv[2:-3] == expected
     assert argv[-3:-1] == ["-o", f"{folder.resolve()}/scheduler/lsf-%J.out"]
-    assert shlex.split(argv[-1]) == job_command(folder)     # one word, quoted once
-    assert shlex.split(argv[-1])[0] == sys.executable          # the submitting interpreter
+    assert shlex.split(argv[-1]) == ["exec", *job_command(folder)]   # one word, quoted once
+    assert shlex.split(argv[-1])[1] == sys.executable          # the submitting interpreter
     job = json.loads((folder / "job.json").read_text())
     assert job["args"][:2] == [f"--gpus={gpus}", "--lr=0.001"]
     assert json.loads((folder / "submitted.json").read_text())["job_id"] == "4711"
@@ -183,7 +183,7 @@ def test_no_value_or_file_name_reaches_lsfs_shell(tmp_path, monkeypatch):
     parsed = subprocess.run(["sh", "-c", f"set -- {word}; printf '%s\\0' \"$@\""], cwd=tmp_path,
                             capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
     folder = next(path for path in (hostile / "jobs/g").iterdir() if path.name != "scheduler")
-    assert parsed == job_command(folder)
+    assert parsed == ["exec", *job_command(folder)]
     assert not list(tmp_path.glob("INJECTED*")) and not list(Path.cwd().glob("INJECTED*"))
     assert json.loads((folder / "job.json").read_text())["args"][0] == f"--data-dir={value}"
 
@@ -222,9 +222,9 @@ def test_cpu_jobs_ask_no_gpu_and_gpu_counts_get_their_own_arrays(tmp_path, monke
     assert "--array=0-1" in cpu and "--cpus-per-task=2" in cpu
     wrap = next(word for word in cpu if word.startswith("--wrap="))
     listing = Path(shlex.split(wrap.removeprefix("--wrap="))[-1])
+    assert shlex.split(wrap.removeprefix("--wrap="))[:2] == ["exec", sys.executable]
     assert json.loads(listing.read_text()) == [str((tmp_path / f"jobs/g/{job}").resolve())
                                                for job in ("loss-bce__gpus-0", "loss-dice__gpus-0")]
-    assert shlex.split(wrap.removeprefix("--wrap="))[0] == sys.executable
     submitted = json.loads((tmp_path / "jobs/g/loss-dice__gpus-2/submitted.json").read_text())
     assert submitted["job_id"] == "77_1"
     assert "array 77 of 2 job(s) with 2 GPU(s)" in result.output
@@ -248,27 +248,19 @@ def test_a_rerun_never_changes_what_a_queued_task_runs(tmp_path, monkeypatch):
     assert len(calls()) == 2
 
 
-@pytest.mark.parametrize("answer, status", [("PENDING", "pending"), ("RUNNING", "running"),
-                                            ("", "lost")])
-def test_job_state_comes_from_the_scheduler_when_there_is_no_exit_code(tmp_path, monkeypatch,
-                                                                       answer, status):
-    fake(tmp_path, monkeypatch, "squeue", answer)
+@pytest.mark.parametrize("scheduler, command, answer, status", [
+    ("slurm", "squeue", "PENDING", "pending"), ("slurm", "squeue", "RUNNING", "running"),
+    ("slurm", "squeue", "", "lost"), ("lsf", "bjobs", "PEND", "pending"),
+    ("lsf", "bjobs", "RUN", "running"), ("lsf", "bjobs", "EXIT", "lost")])
+def test_job_state_comes_from_the_scheduler_when_there_is_no_exit_code(
+        tmp_path, monkeypatch, scheduler, command, answer, status):
+    fake(tmp_path, monkeypatch, command, answer)
     folder = tmp_path / "job"
     folder.mkdir()
-    (folder / "submitted.json").write_text(json.dumps({"scheduler": "slurm", "job_id": "5_1"}))
+    (folder / "submitted.json").write_text(json.dumps({"scheduler": scheduler, "job_id": "5"}))
     assert job_status(folder) == status
     (folder / "exit_code").write_text("143\n")
     assert job_status(folder) == "failed (exit 143)"
-
-
-@pytest.mark.parametrize("answer, status", [("PEND", "pending"), ("RUN", "running"),
-                                            ("EXIT", "lost")])
-def test_lsf_job_state_comes_from_bjobs(tmp_path, monkeypatch, answer, status):
-    fake(tmp_path, monkeypatch, "bjobs", answer)
-    folder = tmp_path / "job"
-    folder.mkdir()
-    (folder / "submitted.json").write_text(json.dumps({"scheduler": "lsf", "job_id": "4711"}))
-    assert job_status(folder) == status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +283,7 @@ def test_bsub_script_reserves_gpus_and_trains_on_them(tmp_path, monkeypatch, wor
     assert "rusage[mem=4096, ngpus_excl_p=2]" in argv
     job = json.loads((tmp_path / "logs/one/job.json").read_text())
     assert job["args"] == ["--epochs=3", "--gpus=2"]
-    assert shlex.split(argv[-1]) == job_command(tmp_path / "logs/one")
+    assert shlex.split(argv[-1]) == ["exec", *job_command(tmp_path / "logs/one")]
 
 
 def test_sbatch_script_submits_from_inside_an_allocation(tmp_path, monkeypatch):
@@ -377,7 +369,9 @@ def test_a_local_grid_runs_skips_what_finished_and_summarises(tmp_path, road_dir
     job = tmp_path / "jobs/g/filters-4"
     assert (job / "best.keras").is_file() and (job / "exit_code").read_text() == "0\n"
     assert list((tmp_path / "jobs/g/valid_output/filters-4").glob("*_overlay.png"))
-    assert "Epoch 2/2" in (job / "stdout").read_text()
+    log, errors = (job / "stdout").read_text(), (job / "stderr").read_text()
+    assert "Epoch 2/2 - " in log and not any(character in log for character in "\r\b\x1b")
+    assert "I0000" not in errors and "absl" not in errors      # no TensorFlow C++ lines
     assert not (REPO / "data/valid/output/filters-4").exists()
     result = grid("summary", tmp_path / "jobs/g")
     rows = [line.split("\t") for line in

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -308,8 +307,8 @@ BAD_INPUTS = [
     (["--logs-dir", "/sys/cil-logs"], "/sys/cil-logs: cannot create the logs folder"),
     (["--logs-dir", "p.json/logs"], "p.json/logs: cannot create the logs folder"),
     (["--resume", "p.json"], "config.json: not found; is . a run folder of this tool?"),
-    (["--weights", "grey.keras", "--from-run", "."], "--weights predicts with a saved model and "
-                                                     "--from-run trains anew"),
+    (["--weights", "grey.keras", "--from-run", "."], "--weights names the models and "
+                                                     "--from-run takes an earlier run's"),
 ]
 
 

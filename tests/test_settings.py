@@ -86,7 +86,8 @@ def saved_run(folder, **changes):
 # here makes the test below fail, so what --resume restores cannot silently miss one.
 NOT_DEFAULT = dict(
     data_dir="elsewhere", limit=5, valid_fraction=0.3, seed=7, classes=3, palette=None,
-    aug={"rotation_range": 12.0}, no_aug=True, crop=64, count=2, model="tiny-unet", filters=5,
+    aug={"rotation_range": 12.0}, no_aug=True, crop=64, count=2, model="unet++", filters=5,
+    encoder="vgg16", encoder_weights="imagenet", freeze_encoder=2, encoder_lr_scale=4.0,
     depth=3, dropout=0.25, batchnorm=False, activation="leaky_relu", init="he_uniform",
     weight_decay=0.01, epochs=9, batch_size=3, lr=0.05, optimizer="sgd", rho=0.5, momentum=0.7,
     centered=True, lr_schedule="cosine", lr_decay=0.5, lr_decay_steps=7, loss="dice",

@@ -75,7 +75,7 @@ def test_a_cpu_grid_runs_on_slurm_with_default_resources(tmp_path, road_dir):
         assert not any(character in log for character in "\r\b\x1b")
         assert "I0000" not in (folder / "stderr").read_text()
     assert list((tmp_path / "jobs/cpu/scheduler").glob("slurm-*_1.out"))
-    rows = summary.stdout.splitlines()[2:]
+    rows = [row for row in summary.stdout.splitlines()[2:] if row]
     assert [row.split(" | ")[1] for row in rows] == ["finished", "finished"]
 
 

@@ -1,0 +1,210 @@
+"""U-Nets and UNet++ on keras.applications encoders: feature strides, weights from the cache or a
+file (never the network in tests), frozen and slower encoders, and tiled prediction."""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import model_cil
+from model_cil import (BACKBONES, backbone, build_model, encoder_layer, feature_indices,
+                       required_multiple)
+from predict_cil import predict_probabilities, predict_tiled, tile_window
+from settings_cil import ENCODERS
+from tests.conftest import TINY, cli
+from train_cil import make_optimizer
+
+SMALL = "mobilenetv3small"       # the quickest backbone to build and train on 2 cores
+
+
+def test_every_encoder_name_has_a_backbone():
+    assert set(BACKBONES) == set(ENCODERS)
+
+
+def skip_sides(encoder):
+    """The side of each encoder feature the U-Net uses, at a 64x64 input."""
+    constructor, _ = BACKBONES[encoder]
+    model = constructor(include_top=False, weights=None, input_shape=(64, 64, 3))
+    return [None if index is None else model.layers[index].output.shape[1]
+            for index in feature_indices(constructor)]
+
+
+@pytest.mark.parametrize("encoder", [SMALL, "convnext_tiny"])
+def test_skips_sit_at_strides_2_to_16_and_the_bottleneck_at_32(encoder):
+    # ConvNeXt's stem already strides by 4: no skip at 2
+    assert skip_sides(encoder) == [None if encoder == "convnext_tiny" else 32, 16, 8, 4, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_every_encoder_gives_skips_at_strides_2_to_32(encoder):
+    assert skip_sides(encoder)[1:] == [16, 8, 4, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["vgg16", "resnet50v2", "efficientnetb0",
+                                     "efficientnetv2b0", "convnext_tiny", "mobilenetv3large"])
+def test_an_encoder_unet_predicts_at_the_input_size(encoder):
+    model = build_model("unet", encoder=encoder, filters=2)
+    assert required_multiple(model) == 32
+    out = model.predict_on_batch(np.zeros((1, 64, 96, 3), np.float32))
+    assert out.shape == (1, 64, 96, 1) and np.all((out >= 0) & (out <= 1))
+
+
+@pytest.mark.parametrize("encoder", [None, SMALL])
+def test_unet_plus_plus_builds_on_its_own_encoder_and_on_a_backbone(encoder):
+    model = build_model("unet++", encoder=encoder, filters=2, depth=3, classes=3)
+    out = model.predict_on_batch(np.zeros((2, 64, 32, 3), np.float32))
+    assert out.shape == (2, 64, 32, 3) and np.allclose(out.sum(-1), 1, atol=1e-5)
+    plain = build_model("unet", encoder=encoder, filters=2, depth=3, classes=3)
+    assert model.count_params() > plain.count_params()        # the nested nodes
+    assert required_multiple(model) == (8 if encoder is None else 32)
+
+
+def test_a_weights_file_of_the_encoder_loads_and_changes_the_predictions(tmp_path):
+    constructor, _ = BACKBONES[SMALL]
+    keras.utils.set_random_seed(5)
+    constructor(include_top=False, weights=None, input_shape=(None, None, 3)).save_weights(
+        tmp_path / "random.weights.h5")
+    keras.utils.set_random_seed(0)
+    fresh = build_model("unet", encoder=SMALL, filters=2)
+    keras.utils.set_random_seed(0)
+    loaded = build_model("unet", encoder=SMALL, filters=2,
+                         encoder_weights=str(tmp_path / "random.weights.h5"))
+    image = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3)).astype(np.float32)
+    assert not np.allclose(fresh.predict_on_batch(image), loaded.predict_on_batch(image))
+    assert all(np.array_equal(a, b) for a, b in zip(
+        encoder_layer(loaded).get_weights(), _weights_of(tmp_path / "random.weights.h5",
+                                                         constructor)))
+
+
+def _weights_of(file, constructor):
+    model = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
+    model.load_weights(file)
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--encoder-weights", "nowhere.weights.h5"], "nowhere.weights.h5: file not found"),
+    (["--encoder-weights", "vgg.weights.h5"], "vgg.weights.h5: does not fit the "
+                                              "mobilenetv3small encoder"),
+    (["--encoder-weights", "imagenet"], "weights are not in Keras' cache and "),
+])
+def test_missing_or_mismatched_encoder_weights_are_one_line(workdir, road_dir, monkeypatch,
+                                                           args, message):
+    from keras.src.backend import config
+    monkeypatch.setattr(config, "keras_home", lambda: str(workdir / "keras_home"))
+    monkeypatch.setattr(model_cil, "_reachable", lambda url: False)     # no network here
+    keras.applications.VGG16(include_top=False, weights=None).save_weights("vgg.weights.h5")
+    result = cli("--data-dir", road_dir, *TINY, "--encoder", SMALL, "--depth", "4", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert message in lines[-1] and lines[-1].startswith("error: ")
+    if args[1] == "imagenet":
+        assert "python main_cil.py --fetch-weights mobilenetv3small" in lines[-1]
+        assert "Traceback" not in result.output
+    assert not Path("logs").exists() or not any(Path("logs").iterdir())
+
+
+def test_fetching_weights_without_network_says_where_to_do_it(workdir, monkeypatch):
+    from keras.src.backend import config
+    monkeypatch.setattr(config, "keras_home", lambda: str(workdir / "keras_home"))
+    monkeypatch.setattr(model_cil, "_reachable", lambda url: False)
+    result = cli("--fetch-weights", "vgg16")
+    assert result.exit_code == 2
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5: the vgg16 ImageNet weights are " \
+           "not in Keras' cache" in result.output
+
+
+def test_weights_already_in_the_cache_are_used_offline(tmp_path, monkeypatch):
+    """The file keras.applications asks for, put in the cache by hand (as --fetch-weights on a
+    login node would), loads with no network."""
+    import h5py
+    from keras.src.backend import config
+    from keras.src.legacy.saving import legacy_h5_format
+    monkeypatch.setattr(config, "keras_home", lambda: str(tmp_path))
+    monkeypatch.setattr(model_cil, "_reachable", lambda url: False)
+    with pytest.raises(Exception) as missing:
+        backbone(SMALL, "imagenet")
+    cached = Path(str(missing.value).split(": ")[0])
+    assert cached.parent == tmp_path / "models"
+    constructor, _ = BACKBONES[SMALL]
+    keras.utils.set_random_seed(3)
+    saved = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
+    cached.parent.mkdir()
+    with h5py.File(cached, "w") as file:           # the layout of Keras' published files
+        legacy_h5_format.save_weights_to_hdf5_group(file, saved)
+    loaded = backbone(SMALL, "imagenet")
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), saved.get_weights()))
+
+
+def test_the_encoder_steps_scale_times_slower():
+    inputs = keras.Input((2,))
+    encoder = keras.Sequential([keras.layers.Dense(1, use_bias=False)], name="encoder")
+    head = keras.layers.Dense(1, use_bias=False, name="head")
+    model = keras.Model(inputs, head(encoder(inputs)))
+    for layer in (encoder.layers[0], head):
+        layer.set_weights([np.ones((layer.kernel.shape), np.float32)])
+    optimizer = make_optimizer("sgd", 0.1, encoder_lr_scale=10.0)
+    optimizer.build(model.trainable_variables)
+    optimizer.set_encoder(encoder)
+    gradients = [np.ones(v.shape, np.float32) for v in model.trainable_variables]
+    optimizer.apply(gradients, model.trainable_variables)
+    assert np.allclose(encoder.layers[0].get_weights()[0], 1 - 0.01)
+    assert np.allclose(head.get_weights()[0], 1 - 0.1)
+    assert optimizer.get_config()["encoder_lr_scale"] == 10.0
+
+
+@pytest.mark.slow
+def test_a_frozen_encoder_keeps_its_weights_and_batch_norm_then_trains(workdir, road_dir):
+    args = ["--data-dir", road_dir, *TINY, "--encoder", SMALL, "--epochs", "3",
+            "--freeze-encoder", "2", "--patience", "0"]
+    result = cli(*args, "--epochs", "2", "--run-name", "frozen")
+    assert result.exit_code == 0, result.output
+    keras.utils.set_random_seed(0)
+    start = encoder_layer(build_model("unet", encoder=SMALL, filters=4, classes=1)).get_weights()
+    frozen = encoder_layer(keras.models.load_model("logs/frozen/best.keras")).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(start, frozen))   # moving stats included
+    assert cli(*args, "--run-name", "thawed").exit_code == 0
+    thawed = encoder_layer(keras.models.load_model(
+        "logs/thawed/checkpoint/" + json.loads(Path("logs/thawed/checkpoint/state.json")
+                                               .read_text())["file"])).get_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(start, thawed))
+
+
+@pytest.mark.slow
+def test_an_encoder_unet_trains_reloads_and_submits(workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--model", "unet++", "--encoder", SMALL,
+                 "--submit", "--run-name", "enc")
+    assert result.exit_code == 0, result.output
+    model = keras.models.load_model("logs/enc/best.keras")
+    assert model.name == f"unet_nested_{SMALL}" and required_multiple(model) == 32
+    assert Path("data/roadseg/submit_output/enc/submission.csv").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles
+
+
+def test_the_tile_window_blends_to_a_smooth_partition():
+    window = tile_window(32, 8)[..., 0]
+    assert window.max() == 1.0 and window[16, 16] == 1.0 and 0 < window[0, 0] < 0.01
+    assert np.allclose(window, window.T) and np.allclose(window, window[::-1, ::-1])
+
+
+def test_tiled_and_whole_predictions_agree_and_tiles_stay_tile_sized():
+    """A model that sees about as far as the overlap: tiles blend into the whole prediction."""
+    keras.utils.set_random_seed(0)
+    model = build_model("unet", filters=4, depth=1)
+    image = np.random.default_rng(0).integers(0, 256, (100, 70, 3)).astype(np.uint8)
+    seen = []
+    original = model.predict_on_batch
+    model.predict_on_batch = lambda batch: seen.append(batch.shape[1:3]) or original(batch)
+    tiled = predict_tiled(model, image, tile=48, overlap=16)
+    model.predict_on_batch = original
+    whole = predict_probabilities(model, image)
+    assert tiled.shape == whole.shape == (100, 70, 1)
+    assert set(seen) == {(48, 48)} and len(seen) == 3 * 2      # starts 0, 32, 52 and 0, 22
+    assert np.abs(tiled - whole).mean() < 0.005 and np.abs(tiled - whole).max() < 0.05
