@@ -29,6 +29,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,8 @@ import click
 
 from data_cil import InputError, write_json
 from runs_cil import (FOLD_PREFIX, RUN_NAME, check_run_name, fold_folder, lock_owner, path,
-                      read_exit_code, read_json, read_metrics, read_state, set_aside)
+                      process_alive, read_exit_code, read_json, read_metrics, read_state,
+                      set_aside)
 from settings_cil import (CONTEXT, OPTIONS, flag_word, option_for, resolve_settings,
                           typed_value)
 
@@ -234,20 +236,6 @@ def expand(name, varied, fixed):
 # Job state
 
 
-def _alive(owner):
-    """Whether the process {pid, host} recorded by this tool still runs (unknown on another
-    host: taken as alive)."""
-    if owner.get("host") != os.uname().nodename:
-        return True
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _run_quietly(command):
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=30)
@@ -260,7 +248,7 @@ def scheduler_state(submitted):
     from here: then "submitted")."""
     scheduler, job = submitted.get("scheduler"), submitted.get("job_id")
     if scheduler == "local" or job is None:
-        return "running" if _alive(submitted) else None
+        return "running" if process_alive(submitted) else None
     if not shutil.which({"slurm": "squeue", "lsf": "bjobs"}[scheduler]):
         return "submitted"
     if scheduler == "slurm":
@@ -296,7 +284,7 @@ def claim(folder, scheduler):
     """Mark the job as being submitted by this process (created exclusively: of two grid calls,
     one wins); False when another call holds it."""
     content = json.dumps(dict(scheduler=scheduler, job_id=None, pid=os.getpid(),
-                              host=os.uname().nodename,
+                              host=socket.gethostname(),
                               time=datetime.now().isoformat(timespec="seconds")))
     try:
         descriptor = os.open(Path(folder) / SUBMITTED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -162,6 +162,16 @@ def mask_counts(mask, classes):
     return [int((mask == index).sum()) for index in range(classes)]
 
 
+# settings_cil.METRIC_KINDS -> scores per class from the confusion counts (tp, fp, fn, tn)
+METRIC_FORMULAS = {
+    "precision": lambda tp, fp, fn, tn: ops.divide_no_nan(tp, tp + fp),
+    "recall": lambda tp, fp, fn, tn: ops.divide_no_nan(tp, tp + fn),
+    "f1": lambda tp, fp, fn, tn: ops.divide_no_nan(2 * tp, 2 * tp + fp + fn),
+    "iou": lambda tp, fp, fn, tn: ops.divide_no_nan(tp, tp + fp + fn),
+    "accuracy": lambda tp, fp, fn, tn: ops.divide_no_nan(tp + tn, tp + fp + fn + tn),
+}
+
+
 @keras.saving.register_keras_serializable(package="cil")
 class SegmentationMetric(keras.metrics.Metric):
     """Precision, recall, F1, IoU or accuracy, streamed over batches from confusion counts.
@@ -177,7 +187,7 @@ class SegmentationMetric(keras.metrics.Metric):
     def __init__(self, kind="f1", classes=1, class_id=None, average="macro", patch=False,
                  threshold=PIXEL_THRESHOLD, patch_threshold=FOREGROUND_THRESHOLD, name=None,
                  **kwargs):
-        if kind not in METRIC_KINDS:
+        if kind not in METRIC_FORMULAS:
             raise ValueError(f"metric kind {kind!r}; choose from {', '.join(METRIC_KINDS)}")
         super().__init__(name=name or metric_name(kind, classes, class_id, average, patch),
                          **kwargs)
@@ -231,18 +241,7 @@ class SegmentationMetric(keras.metrics.Metric):
             # Multi-class accuracy: the share of pixels whose class is right.
             return ops.divide_no_nan(ops.sum(self.counts["tp"]),
                                      ops.sum(self.counts["tp"] + self.counts["fn"]))
-        tp, fp, fn, tn = self._selected()
-        if self.kind == "precision":
-            scores = ops.divide_no_nan(tp, tp + fp)
-        elif self.kind == "recall":
-            scores = ops.divide_no_nan(tp, tp + fn)
-        elif self.kind == "f1":
-            scores = ops.divide_no_nan(2 * tp, 2 * tp + fp + fn)
-        elif self.kind == "iou":
-            scores = ops.divide_no_nan(tp, tp + fp + fn)
-        else:
-            scores = ops.divide_no_nan(tp + tn, tp + fp + fn + tn)
-        return ops.mean(scores)
+        return ops.mean(METRIC_FORMULAS[self.kind](*self._selected()))
 
     def reset_state(self):
         for variable in self.counts.values():

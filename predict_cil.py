@@ -181,9 +181,9 @@ def evaluate(masks, probabilities, classes, threshold=PIXEL_THRESHOLD,
 
 def decided_thresholds(settings):
     """(pixel, patch) thresholds that validation, submission and the tables use: --threshold
-    and --patch-threshold, else what --from-run (or --weights of a run) brought, tuned on that
-    run's validation, else PIXEL_THRESHOLD and the grader's FOREGROUND_THRESHOLD. All arrive as
-    settings, with their source recorded."""
+    and --patch-threshold, else what --from-run (or --weights of a run) brought when tuning
+    beat the defaults on folds it did not see, else PIXEL_THRESHOLD and the grader's
+    FOREGROUND_THRESHOLD. All arrive as settings, with their source recorded."""
     return (settings.threshold or PIXEL_THRESHOLD,
             FOREGROUND_THRESHOLD if settings.patch_threshold is None else settings.patch_threshold)
 
@@ -229,6 +229,8 @@ def tune_thresholds(masks, probabilities, groups=None):
                           for t in THRESHOLDS for f in PATCH_THRESHOLDS})
             predicted[~seen] = shares[pair[0]][~seen] > pair[1]
         tuned["patch_f1_unseen"] = round(_patch_f1(truth, predicted), 4)
+    # Only a score on images the thresholds were not tuned on can justify leaving the defaults
+    tuned["applied"] = bool(tuned.get("patch_f1_unseen", 0.0) > tuned["patch_f1_at_defaults"])
     return tuned
 
 
@@ -344,11 +346,12 @@ def report_validation(settings, run, pairs, images, masks, probabilities, palett
                   tta=settings.tta)
     if classes == 1:
         tuned = tune_thresholds(masks, probabilities)
-        use = "" if settings.fold is not None else "; --submit --from-run uses them"
+        note = "" if settings.fold is not None else ("; scored on the images they were tuned "
+                                                     "on, so not applied (--folds tunes them)")
         click.echo(f"tuned on these {len(images)} images: pixel threshold {tuned['threshold']}, "
                    f"patch share {tuned['patch_threshold']}: patch F1 {tuned['patch_f1']:.4f} "
                    f"(at {PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}: "
-                   f"{tuned['patch_f1_at_defaults']:.4f}){use}")
+                   f"{tuned['patch_f1_at_defaults']:.4f}){note}")
         report["tuned"] = tuned
     click.echo(f"outputs: {run.valid_dir}")
     return report
@@ -470,7 +473,10 @@ def cross_validation_report(folder, folds, settings):
         click.echo(f"thresholds tuned out of fold: pixel {tuned['threshold']}, patch share "
                    f"{tuned['patch_threshold']}; patch F1 {tuned['patch_f1_unseen']:.4f} on "
                    f"folds they were not tuned on ({tuned['patch_f1_at_defaults']:.4f} at "
-                   f"{PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}); --submit --from-run uses them")
+                   f"{PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}); " + (
+                       "--submit --from-run uses them" if tuned["applied"] else
+                       f"not better, so --submit --from-run keeps "
+                       f"{PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}"))
         report["tuned"] = tuned
     return report
 

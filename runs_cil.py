@@ -119,20 +119,25 @@ def _host():
     return socket.gethostname()
 
 
+def process_alive(record):
+    """Whether the process {pid, host} a record names still runs; one of another host counts
+    as alive: this host cannot see it."""
+    if record.get("host") != _host():
+        return True
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                                     # alive, another user's
+    return True
+
+
 def lock_owner(folder):
     """{pid, host, started} of the process holding the run, or None when free or stale
     (a process of this host that no longer exists)."""
     owner = read_json(path(folder, "lock")) if path(folder, "lock").is_file() else None
-    if owner is None:
-        return None
-    if owner.get("host") == _host():
-        try:
-            os.kill(owner["pid"], 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass                                 # alive, another user's
-    return owner
+    return owner if owner is not None and process_alive(owner) else None
 
 
 def acquire_lock(folder):

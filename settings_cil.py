@@ -14,7 +14,7 @@ import functools
 import importlib.metadata
 import json
 import math
-import os
+import socket
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -271,19 +271,20 @@ OPTIONS = [
                 help="Skip training: predict with this saved .keras model (repeat it to average "
                      "several)."),
     _prediction("--from-run", type=click.Path(path_type=Path, exists=True),
-                help="Take settings, best epoch count and tuned thresholds from an earlier run; "
-                     "with --submit on a cross-validated run, average its fold models."),
+                help="Take settings and best epoch count from an earlier run; from a "
+                     "cross-validated run, also its out-of-fold thresholds where they beat the "
+                     "defaults on unseen folds, and with --submit its fold models to average."),
     _prediction("--refit", is_flag=True,
                 help="With --submit --from-run <cross-validated run>: train one model on all "
                      "images for the folds' median best epoch instead."),
     _prediction("--tta", type=click.Choice(TTA_CHOICES), default=TTA,
                 help="Average predictions over this many flips and turns."),
     _prediction("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                help=f"Pixel probability for foreground [default: tuned on validation, else "
-                     f"{PIXEL_THRESHOLD}]."),
+                help=f"Pixel probability for foreground [default: tuned out of fold (--from-run), "
+                     f"else {PIXEL_THRESHOLD}]."),
     _prediction("--patch-threshold", type=click.FloatRange(0, 1, max_open=True),
                 help=f"A patch of the CSV is foreground when this share of its pixels is "
-                     f"[default: tuned on validation, else {FOREGROUND_THRESHOLD}]."),
+                     f"[default: tuned out of fold (--from-run), else {FOREGROUND_THRESHOLD}]."),
     _prediction("--tile", type=click.IntRange(min=0), default=TILE,
                 help="Predict images in tiles of this side (a multiple of the model's), blended "
                      "where they overlap; 0: each image whole."),
@@ -627,8 +628,8 @@ def _given(ctx):
 
 def earlier_run_layer(given_path, *, submit=False, refit=False):
     """Settings of an earlier run for --from-run: its learned settings, its best epoch as the
-    epoch count and its tuned thresholds. A cross-validated run gives its out-of-fold thresholds
-    and its fold models: to average for --submit, or to predict their held-out images again
+    epoch count. A cross-validated run gives its out-of-fold thresholds (where they beat the
+    defaults on folds they were not tuned on) and its fold models: to average for --submit, or to predict their held-out images again
     without --submit (with other prediction settings, such as --tta); --refit instead trains
     one model for the folds' median best epoch."""
     folder = run_folder_of(given_path)
@@ -653,7 +654,7 @@ def earlier_run_layer(given_path, *, submit=False, refit=False):
     elif metrics.get("best_epoch"):
         layer["epochs"] = metrics["best_epoch"]
     tuned = metrics.get("cross_validation", metrics).get("tuned", {})
-    if tuned:
+    if tuned.get("applied"):
         layer["threshold"], layer["patch_threshold"] = tuned["threshold"], tuned["patch_threshold"]
     return layer
 
@@ -834,4 +835,4 @@ def config_record(settings, run_name):
                 sources={**settings.sources, "run_name": settings.sources.get("run_name",
                                                                               "generated")},
                 command=" ".join(sys.argv), started=datetime.now().isoformat(timespec="seconds"),
-                host=os.uname().nodename, versions=versions)
+                host=socket.gethostname(), versions=versions)

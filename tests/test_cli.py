@@ -86,16 +86,19 @@ def test_weights_without_submit_evaluate_the_validation_split(workdir, road_dir)
     assert json.loads(Path("logs/w8/metrics.json").read_text())["tta"] == 8
 
 
-def test_submit_from_run_takes_its_settings_best_epoch_and_threshold(workdir, road_dir):
-    assert cli("--data-dir", road_dir, *TINY, "--epochs", "3", "--run-name", "v").exit_code == 0
+def test_submit_from_run_takes_its_settings_and_best_epoch_not_thresholds_tuned_in_sample(
+        workdir, road_dir):
+    valid = cli("--data-dir", road_dir, *TINY, "--epochs", "3", "--run-name", "v")
+    assert "so not applied (--folds tunes them)" in valid.output
     earlier = json.loads(Path("logs/v/metrics.json").read_text())
+    assert earlier["tuned"]["applied"] is False
     result = cli("--submit", "--from-run", "logs/v", "--run-name", "s")
     assert result.exit_code == 0, result.output
     config = json.loads(Path("logs/s/config.json").read_text())["settings"]
     assert config["epochs"] == earlier["best_epoch"]
-    assert config["threshold"] == earlier["tuned_threshold"]
+    assert (config["threshold"], config["patch_threshold"]) == (None, None)
     assert (config["filters"], config["crop"], config["data_dir"]) == (4, 32, str(road_dir))
-    assert f"threshold {earlier['tuned_threshold']}" in result.output
+    assert "pixel threshold 0.5, patch share 0.25" in result.output
 
 
 def test_three_classes_train_end_to_end_with_a_per_class_table(workdir, tmp_path):

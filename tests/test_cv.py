@@ -41,7 +41,9 @@ def test_cross_validation_reports_every_image_out_of_fold_and_submits_the_ensemb
     ensemble = cli("--submit", "--from-run", "logs/cv", "--run-name", "ens")
     assert ensemble.exit_code == 0, ensemble.output
     assert "mean of 3 models" in ensemble.output
-    assert f"pixel threshold {report['tuned']['threshold']}" in ensemble.output
+    tuned = report["tuned"]
+    applied = (tuned["threshold"], tuned["patch_threshold"]) if tuned["applied"] else (0.5, 0.25)
+    assert f"pixel threshold {applied[0]}, patch share {applied[1]}" in ensemble.output
     lines = Path("data/roadseg/submit_output/ens/submission.csv").read_text().splitlines()
     assert lines[0] == "id,prediction" and len(lines) == 1 + 2 * 16
     refit = cli("--submit", "--from-run", "logs/cv", "--refit", "--run-name", "refit")
@@ -53,7 +55,8 @@ def test_cross_validation_reports_every_image_out_of_fold_and_submits_the_ensemb
 
 def test_a_fold_interrupted_and_resumed_gives_the_same_out_of_fold_table(workdir, road_dir,
                                                                          monkeypatch):
-    assert cli("--data-dir", road_dir, *CV, "--run-name", "whole").exit_code == 0
+    cv = [*TINY, "--folds", "2", "--patience", "0", "--tta", "1"]
+    assert cli("--data-dir", road_dir, *cv, "--run-name", "whole").exit_code == 0
     keep_epoch_end = RunCheckpoint.on_epoch_end
 
     def killed_in_fold_one(self, epoch, logs=None):
@@ -63,7 +66,7 @@ def test_a_fold_interrupted_and_resumed_gives_the_same_out_of_fold_table(workdir
 
     with monkeypatch.context() as patch:
         patch.setattr(RunCheckpoint, "on_epoch_end", killed_in_fold_one)
-        assert cli("--data-dir", road_dir, *CV, "--run-name", "cut").exit_code == 137
+        assert cli("--data-dir", road_dir, *cv, "--run-name", "cut").exit_code == 137
     assert not Path("logs/cut/metrics.json").exists()
     result = cli("--resume", "logs/cut")
     assert result.exit_code == 0, result.output

@@ -230,6 +230,15 @@ def test_cpu_jobs_ask_no_gpu_and_gpu_counts_get_their_own_arrays(tmp_path, monke
     assert "array 77 of 2 job(s) with 2 GPU(s)" in result.output
 
 
+@pytest.mark.parametrize("clause, gpus, expected", [
+    ("gres", 2, ["--gres=gpu:2"]), ("gpus", 2, ["--gpus=2"]), ("gpus", 0, [])])
+def test_one_gpu_request_per_job_and_none_for_cpu_jobs(clause, gpus, expected):
+    resources = grid_cil.check_resources({"gpu_clause": clause, "walltime": 90}, "grid")
+    words = grid_cil.slurm_resources(resources, gpus)
+    assert [word for word in words if "gpu" in word] == expected
+    assert "--time=1:30:00" in words
+
+
 def test_a_rerun_never_changes_what_a_queued_task_runs(tmp_path, monkeypatch):
     calls = fake(tmp_path, monkeypatch, "sbatch", "77")
     fake(tmp_path, monkeypatch, "squeue", "PENDING")

@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 from data_cil import InputError
-from losses_cil import (LOSS_FUNCTIONS, SegmentationLoss, SegmentationMetric, auto_class_weights,
+from losses_cil import (LOSS_FUNCTIONS, METRIC_FORMULAS, SegmentationLoss, SegmentationMetric, auto_class_weights,
                         evaluation_metrics, training_metrics)
-from settings_cil import LOSS_TERMS, monitored_metrics, parse_loss
+from settings_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss
 from model_cil import build_unet
 
 BINARY_LOSSES = [term for term in LOSS_TERMS] + ["bce+patch_f1", "focal+dice"]
@@ -87,8 +87,9 @@ def test_unknown_loss_names_list_the_choices():
         parse_loss("bce+dcie")
 
 
-def test_every_loss_name_has_exactly_one_function_and_no_more():
+def test_every_loss_and_metric_name_has_exactly_one_function_and_no_more():
     assert set(LOSS_FUNCTIONS) == set(LOSS_TERMS)
+    assert set(METRIC_FORMULAS) == set(METRIC_KINDS)
     with pytest.raises(InputError, match="'hinge' is not a loss"):
         SegmentationLoss("hinge")
 

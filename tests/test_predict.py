@@ -80,6 +80,16 @@ def test_thresholds_are_scored_on_folds_they_were_not_tuned_on():
     tuned = tune_thresholds(masks, probabilities, groups=[0, 0, 1, 1])
     # fold 0 scored at 0.65 misses its road, fold 1 scored at 0.3 invents one: tp 1, fp 1, fn 1
     assert tuned["patch_f1"] == 0.8 and tuned["patch_f1_unseen"] == 0.5
+    assert tuned["applied"] is False                   # no better than 0.5 at the defaults
+
+
+def test_thresholds_are_applied_when_they_beat_the_defaults_on_unseen_folds():
+    road, background = np.ones((16, 16), np.uint8), np.zeros((16, 16), np.uint8)
+    low, faint = np.full((16, 16, 1), 0.3, np.float32), np.full((16, 16, 1), 0.1, np.float32)
+    tuned = tune_thresholds([road, background] * 2, [low, faint] * 2, groups=[0, 0, 1, 1])
+    assert (tuned["patch_f1_at_defaults"], tuned["patch_f1_unseen"]) == (0.0, 1.0)
+    assert tuned["applied"] is True and tuned["threshold"] <= 0.3
+    assert tune_thresholds([road], [low])["applied"] is False   # no unseen images to judge by
 
 
 def test_an_ensemble_is_the_mean_of_its_models():

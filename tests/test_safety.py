@@ -5,6 +5,7 @@ exit code 2, and lose nothing."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -164,7 +165,7 @@ def test_a_local_job_that_runs_is_skipped_by_a_second_grid_call(tmp_path):
     runner = subprocess.Popen(["sleep", "60"])
     try:
         (folder / "submitted.json").write_text(json.dumps(dict(
-            scheduler="local", job_id="local", pid=runner.pid, host=os.uname().nodename)))
+            scheduler="local", job_id="local", pid=runner.pid, host=socket.gethostname())))
         result = CliRunner().invoke(grid_cil.main, [str(tmp_path / "g.json"), "--jobs-dir",
                                                     str(tmp_path / "jobs")])
         assert "lr-0.1: running, skipped" in result.output

@@ -119,13 +119,17 @@ def test_resume_says_which_flags_it_ignores(workdir):
         in result.output
 
 
-def test_from_run_takes_learned_settings_best_epoch_and_tuned_threshold(workdir):
+@pytest.mark.parametrize("applied", [True, False])
+def test_from_run_takes_learned_settings_best_epoch_and_thresholds_that_beat_the_defaults(
+        workdir, applied):
     folder = saved_run(workdir / "logs/v", filters=6, crop=48, depth=3)
     (folder / "metrics.json").write_text(json.dumps(
-        {"best_epoch": 4, "tuned": {"threshold": 0.35, "patch_threshold": 0.3}}))
+        {"best_epoch": 4, "tuned": {"threshold": 0.35, "patch_threshold": 0.3,
+                                    "applied": applied}}))
     settings = resolved("--submit", "--from-run", folder, "--crop", "32")
-    assert (settings.filters, settings.epochs, settings.threshold) == (6, 4, 0.35)
-    assert settings.patch_threshold == 0.3
+    assert (settings.filters, settings.epochs) == (6, 4)
+    thresholds = (0.35, 0.3) if applied else (None, None)
+    assert (settings.threshold, settings.patch_threshold) == thresholds
     assert settings.crop == 32 and settings.sources["filters"] == f"run {folder}"
 
 
@@ -194,3 +198,12 @@ def test_bad_option_values_from_the_environment_name_the_variable(workdir, monke
 def test_an_unsafe_run_name_is_refused_before_anything_is_read():
     with pytest.raises(InputError, match="a run name is one folder name"):
         resolved("--run-name", "../escape")
+
+
+def test_the_readmes_config_file_example_resolves_as_it_says(workdir):
+    """README, Options: python main_cil.py --config experiment.json."""
+    config = workdir / "experiment.json"
+    config.write_text('{"filters": 8, "loss": "bce", "aug": {"rotation_range": 90}}')
+    settings = resolved("--config", config)
+    assert (settings.filters, settings.loss, settings.aug["rotation_range"]) == (8, "bce", 90)
+    assert settings.aug["quarter_turns"] and settings.sources["loss"] == f"config {config}"

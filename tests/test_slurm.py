@@ -81,7 +81,7 @@ def test_a_cpu_grid_runs_on_slurm_with_default_resources(tmp_path, road_dir):
 
 def test_a_cancelled_job_saves_its_checkpoint_and_a_rerun_resumes_it(tmp_path, road_dir):
     grid_file = tmp_path / "long.json"
-    grid_file.write_text(json.dumps({"data-dir": str(road_dir), "filters": [4], "epochs": 12,
+    grid_file.write_text(json.dumps({"data-dir": str(road_dir), "filters": [4], "epochs": 8,
                                      "patience": 0, **JOB, "count": 24}))
     run_grid(grid_file, tmp_path / "jobs")
     folder = tmp_path / "jobs/long/filters-4"
@@ -93,11 +93,11 @@ def test_a_cancelled_job_saves_its_checkpoint_and_a_rerun_resumes_it(tmp_path, r
     assert job_status(folder) == "failed (exit 143)", (folder / "stderr").read_text()
     stopped = json.loads(state.read_text())
     assert "checkpoint saved. Continue with" in (folder / "stderr").read_text()
-    assert stopped["epoch"] < 12
+    assert stopped["epoch"] < 8
     output = run_grid(grid_file, tmp_path / "jobs")
     assert "filters-4" in output
     wait_for(lambda: job_status(folder) not in ("pending", "running"), "the resumed job")
     assert job_status(folder) == "finished", (folder / "stderr").read_text()
     history = (folder / "history.csv").read_text().splitlines()[1:]
-    assert [int(row.split(",")[0]) for row in history] == list(range(12))
-    assert json.loads((folder / "metrics.json").read_text())["epochs_run"] == 12
+    assert [int(row.split(",")[0]) for row in history] == list(range(8))
+    assert json.loads((folder / "metrics.json").read_text())["epochs_run"] == 8
