@@ -267,9 +267,12 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
 def finish(settings, run, model, report=None):
     """After training or loading: the SavedModel export when asked, and the HParams entry of
     a validated run (its learned settings and validation table)."""
-    from predict_cil import export_saved_model, log_hparams
+    from predict_cil import ONNX_FILE, export_saved_model, log_hparams
     if settings.export:
-        echo(f"exported a SavedModel: {export_saved_model(model, run.file('export_dir'))}")
+        export, no_onnx = export_saved_model(model, run.file("export_dir"))
+        echo(f"exported a SavedModel: {export}" + (
+            f" (no {ONNX_FILE}: {no_onnx})" if no_onnx else
+            f"; for ONNX Runtime: {export / ONNX_FILE}"))
     if report:
         log_hparams(run.folder, settings, [*learned_names(), "tta", "threshold"],
                     report["valid"])

@@ -3,8 +3,11 @@ augmentation, the decision threshold (decided in one place), evaluation tables, 
 report, the test masks with the Kaggle CSV, and the PNG outputs of a run.
 """
 
+import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -485,6 +488,11 @@ def cross_validation_report(folder, folds, settings):
 # Models that travel without this code
 
 
+ONNX_FILE = "model.onnx"      # in the export folder, when tf2onnx is installed
+ONNX_OPSET = 17               # run by ONNX Runtime 1.14 (2023) and later
+_FLOAT_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, "images")
+
+
 class _Serving(tf.Module):
     """The model with what prediction does around it: images of any size are reflect-padded to
     what the model accepts, predicted, and cropped back; uint8 or float 0..255 pixels in,
@@ -497,11 +505,13 @@ class _Serving(tf.Module):
 
     def _predict(self, images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]
-        padding = [[0, 0], [0, -height % self.multiple], [0, -width % self.multiple], [0, 0]]
+        # (m - h % m) % m, not -h % m: ONNX's Mod of a negative number keeps its sign
+        padding = [[0, 0], [0, (self.multiple - height % self.multiple) % self.multiple],
+                   [0, (self.multiple - width % self.multiple) % self.multiple], [0, 0]]
         padded = tf.pad(tf.cast(images, tf.float32), padding, mode="SYMMETRIC")
         return {"probabilities": self.model(padded, training=False)[:, :height, :width, :]}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, "images")])
+    @tf.function(input_signature=[_FLOAT_IMAGES])
     def serve_float(self, images):
         return self._predict(images)
 
@@ -513,8 +523,11 @@ class _Serving(tf.Module):
 def export_saved_model(model, folder):
     """Write `folder` as a TensorFlow SavedModel that loads with `tf.saved_model.load` alone:
     signatures serving_default (float32 pixels 0..255) and serving_uint8, each taking a batch
-    (N, H, W, 3) of any H and W and returning {"probabilities": (N, H, W, classes)}. Written
-    beside and renamed into place, so a kill leaves no half export."""
+    (N, H, W, 3) of any H and W and returning {"probabilities": (N, H, W, classes)}. Where
+    tf2onnx is installed, serving_default also goes into ONNX_FILE, for ONNX Runtime without
+    TensorFlow. Written beside and renamed into place, so a kill leaves no half export.
+
+    Returns (folder, why ONNX_FILE is missing, or None)."""
     folder = Path(folder)
     if folder.exists():
         raise InputError(f"{folder}: exists; export into a new run (another --run-name)")
@@ -524,10 +537,28 @@ def export_saved_model(model, folder):
         tf.saved_model.save(serving, str(partial), signatures={
             "serving_default": serving.serve_float.get_concrete_function(),
             "serving_uint8": serving.serve_uint8.get_concrete_function()})
+        no_onnx = onnx_written(partial)
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return folder
+    return folder, no_onnx
+
+
+def onnx_written(saved_model):
+    """Convert the SavedModel's serving_default into ONNX_FILE beside it with tf2onnx's
+    command line; None when done, else why not. Converting the saved graph, not the live
+    function, makes every constant a model captured (EfficientNet's input normalisation) part
+    of the ONNX graph instead of an input it asks for."""
+    if importlib.util.find_spec("tf2onnx") is None:
+        return "tf2onnx is not installed; pip install -r requirements-onnx.txt for one"
+    converted = subprocess.run(
+        [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
+         "--signature_def", "serving_default", "--opset", str(ONNX_OPSET),
+         "--output", str(Path(saved_model) / ONNX_FILE)], capture_output=True, text=True)
+    if converted.returncode:
+        last = (converted.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"tf2onnx failed: {last}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

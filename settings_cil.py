@@ -149,6 +149,8 @@ LEARNED_GROUPS = ("data", "perturbations", "model", "training")
 RESUME_OVERRIDES = ("epochs", "patience")    # learned settings a resumed run may change
 # What else a resumed run keeps of its own: what it does, and where its outputs go.
 RESUME_KEEPS = ("submit", "valid_output_dir", "submit_output_dir")
+# How a resumed run predicts once trained: as it was started, unless this call says otherwise.
+RESUME_PREDICTS = ("tta", "threshold", "patch_threshold", "tile", "overlap", "export")
 CONFIG_EXCLUDED = ("config", "resume", "force")   # decided per call, never read from a file
 ENV_PREFIX = "CIL"                           # CIL_EPOCHS=5 is --epochs 5
 
@@ -732,12 +734,14 @@ def _derived(values, sources, chosen):
 
 
 def _resumed(path, given, given_sources):
-    """The settings of the run being resumed: its learned settings as recorded; --epochs,
-    --patience and the options outside the learned groups from this call."""
+    """The settings of the run being resumed: its learned settings and how it predicts, as
+    recorded; --epochs, --patience, the prediction settings and the options outside the
+    learned groups from this call when it gives them."""
     folder = run_folder_of(path)
     record = read_record(folder)
     learned = learned_names()
-    saved = record_layer(record, [*learned, *RESUME_KEEPS], folder / "config.json")
+    saved = record_layer(record, [*learned, *RESUME_KEEPS, *RESUME_PREDICTS],
+                         folder / "config.json")
     cross_validated = saved.get("folds") and saved.get("fold") is None
     if read_state(folder) is None and not cross_validated:
         raise InputError(f"{folder}: no checkpoint to resume from (checkpoint/state.json); start "

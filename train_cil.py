@@ -188,7 +188,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.wait = state.get("wait", 0)
         self.epoch_seconds = state.get("epoch_seconds", [])
         self.stopped_early = False
-        self._epoch_start = None
+        self._epoch, self._epoch_start = None, None
 
     def summary(self):
         """What metrics.json says about training: best epoch and value, epochs, time."""
@@ -216,18 +216,23 @@ class RunCheckpoint(keras.callbacks.Callback):
             (folder / previous["file"]).unlink(missing_ok=True)
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = time.perf_counter()
+        self._epoch, self._epoch_start = epoch, time.perf_counter()
+
+    def _stop(self):
+        return TrainingInterrupted(signal.Signals(_stop_signal_number).name, _stop_signal_number,
+                                   self._epoch + 1, self.run_dir)
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
-        epoch = int(self.model.optimizer.iterations.numpy()) // self.steps_per_epoch
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"the loss became {loss} in epoch {epoch + 1}", self.run_dir)
-        if _stop_requested.is_set():
-            step = int(self.model.optimizer.iterations.numpy()) - epoch * self.steps_per_epoch
-            self._save_state(epoch, step)
-            raise TrainingInterrupted(signal.Signals(_stop_signal_number).name,
-                                      _stop_signal_number, epoch + 1, self.run_dir)
+            raise TrainingDiverged(f"the loss became {loss} in epoch {self._epoch + 1}",
+                                   self.run_dir)
+        step = int(self.model.optimizer.iterations.numpy()) - self._epoch * self.steps_per_epoch
+        # after an epoch's last batch, the stop waits for its end (validation, history row,
+        # checkpoint): a checkpoint there would skip what the epoch's end writes
+        if _stop_requested.is_set() and step < self.steps_per_epoch:
+            self._save_state(self._epoch, step)
+            raise self._stop()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(round(time.perf_counter() - self._epoch_start, 2))
@@ -246,6 +251,8 @@ class RunCheckpoint(keras.callbacks.Callback):
                 self.stopped_early = True
                 self.model.stop_training = True
         self._save_state(epoch + 1, 0)
+        if _stop_requested.is_set() and epoch + 1 < self.params["epochs"]:
+            raise self._stop()
 
 
 class ImagePanel(keras.callbacks.Callback):

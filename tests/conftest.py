@@ -4,6 +4,8 @@ is tested without GPUs, and deterministic ops, so a resumed run can be compared 
 uninterrupted one."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,33 @@ def cli(*args, env=None):
 def resolved(*args):
     """The Settings a command line resolves to (with the CIL_ variables of the environment)."""
     return resolve_settings(main.make_context("main_cil.py", [str(a) for a in args]))[0]
+
+
+LOAD_AND_PREDICT = """
+import sys
+import numpy as np
+import tensorflow as tf
+assert not any("cil" in name for name in sys.modules), "project code was imported"
+model = tf.saved_model.load(sys.argv[1])
+image = np.load(sys.argv[2])
+out = [model.signatures["serving_default"](images=tf.constant(image[None], tf.float32)),
+       model.signatures["serving_uint8"](images=tf.constant(image[None]))]
+np.save(sys.argv[3], np.stack([each["probabilities"].numpy()[0] for each in out]))
+"""
+
+
+def predicted_alone(export, image, scratch):
+    """(float, uint8) signatures' probabilities for `image` from a SavedModel loaded in a fresh
+    interpreter that has only the installed packages: no project on its path."""
+    np.save(scratch / "image.npy", image)
+    alone = scratch / "alone"
+    alone.mkdir(exist_ok=True)
+    # -I: no user site, no current folder, no PYTHONPATH
+    done = subprocess.run([sys.executable, "-I", "-c", LOAD_AND_PREDICT, str(export.resolve()),
+                           str(scratch / "image.npy"), str(scratch / "out.npy")], cwd=alone,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return tuple(np.load(scratch / "out.npy"))
 
 
 def save(path, array):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import TINY, cli, make_pair
+from data_cil import read_image
+from predict_cil import load_saved_model, predict_probabilities
+from tests.conftest import TINY, cli, make_pair, predicted_alone
 
 pytestmark = pytest.mark.slow      # each test trains a model end to end
 
@@ -127,10 +129,16 @@ def test_amp_on_the_cpu_says_so_and_trains_in_float32(workdir, road_dir):
     assert all(w.dtype == "float32" for w in keras.models.load_model("logs/amp/best.keras").weights)
 
 
-def test_the_demo_generates_data_and_learns(workdir):
-    result = cli("--demo")
+def test_the_demo_generates_data_learns_and_exports_a_model_that_runs_alone(workdir,
+                                                                            tmp_path):
+    result = cli("--demo", "--export")
     assert result.exit_code == 0, result.output
     assert Path("data/demo/training/images").is_dir() and Path("data/demo/test_images").is_dir()
     run = next(Path("logs").iterdir())
     valid = json.loads((run / "metrics.json").read_text())["valid"]
     assert valid["f1"] > 0.8 and valid["patch_f1"] > 0.8
+    image = read_image(next(Path("data/demo/test_images").iterdir()))
+    float_out, uint8_out = predicted_alone(run / "export", image, tmp_path)
+    expected = predict_probabilities(load_saved_model(run / "best.keras"), image)
+    assert np.allclose(float_out, expected, atol=1e-5) and np.allclose(uint8_out, expected,
+                                                                       atol=1e-5)

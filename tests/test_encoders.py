@@ -87,6 +87,8 @@ def _weights_of(file, constructor):
     return model.get_weights()
 
 
+# Keras warns that MobileNetV3's ImageNet weights were made at 224 pixels: expected here
+@pytest.mark.filterwarnings("ignore:`input_shape` is undefined")
 @pytest.mark.parametrize("args, message", [
     (["--encoder-weights", "nowhere.weights.h5"], "nowhere.weights.h5: file not found"),
     (["--encoder-weights", "vgg.weights.h5"], "vgg.weights.h5: does not fit the "
@@ -119,6 +121,7 @@ def test_fetching_weights_without_network_says_where_to_do_it(workdir, monkeypat
            "not in Keras' cache" in result.output
 
 
+@pytest.mark.filterwarnings("ignore:`input_shape` is undefined")
 def test_weights_already_in_the_cache_are_used_offline(tmp_path, monkeypatch):
     """The file keras.applications asks for, put in the cache by hand (as --fetch-weights on a
     login node would), loads with no network."""

@@ -8,22 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from model_cil import build_unet
+from model_cil import build_model, build_unet
 from predict_cil import predict_probabilities
-from tests.conftest import cli
-
-LOAD_AND_PREDICT = """
-import json, sys
-import numpy as np
-import tensorflow as tf
-assert not any("cil" in name for name in sys.modules), "project code was imported"
-model = tf.saved_model.load(sys.argv[1])
-image = np.load(sys.argv[2])
-out = {}
-out["float"] = model.signatures["serving_default"](images=tf.constant(image[None], tf.float32))
-out["uint8"] = model.signatures["serving_uint8"](images=tf.constant(image[None]))
-np.save(sys.argv[3], np.stack([out[k]["probabilities"].numpy()[0] for k in ("float", "uint8")]))
-"""
+from tests.conftest import cli, predicted_alone
 
 
 def test_an_exported_model_predicts_alone_like_the_keras_model(workdir, tmp_path):
@@ -34,21 +21,50 @@ def test_an_exported_model_predicts_alone_like_the_keras_model(workdir, tmp_path
     export = workdir / "logs/e/export"
     assert (export / "saved_model.pb").is_file() and "exported a SavedModel" in result.output
     image = np.random.default_rng(0).integers(0, 256, (37, 45, 3)).astype(np.uint8)  # not /8
-    np.save(tmp_path / "image.npy", image)
-    alone = tmp_path / "alone"
-    alone.mkdir()
-    # -I: no user site, no current folder, no PYTHONPATH: only the installed packages
-    done = subprocess.run([sys.executable, "-I", "-c", LOAD_AND_PREDICT, str(export),
-                           str(tmp_path / "image.npy"), str(tmp_path / "out.npy")], cwd=alone,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    float_out, uint8_out = np.load(tmp_path / "out.npy")
+    float_out, uint8_out = predicted_alone(export, image, tmp_path)
     expected = predict_probabilities(model, image)
     assert float_out.shape == (37, 45, 2)
     assert np.allclose(float_out, expected, atol=1e-5)
     assert np.allclose(uint8_out, expected, atol=1e-5)
     config = json.loads((workdir / "logs/e/config.json").read_text())
     assert config["settings"]["export"] is True
+
+
+RUN_ONNX = """
+import sys
+import numpy as np
+import onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1])
+image = np.load(sys.argv[2]).astype(np.float32)
+np.save(sys.argv[3], session.run(["probabilities"], {"images": image[None]})[0][0])
+assert "tensorflow" not in sys.modules, "TensorFlow was imported"
+"""
+
+
+# EfficientNet captures constants (its input normalisation) that a naive conversion turns into
+# inputs the ONNX model asks for
+@pytest.mark.parametrize("encoder", [None, pytest.param("efficientnetb0",
+                                                     marks=pytest.mark.slow)])
+def test_an_onnx_export_predicts_in_onnx_runtime_like_the_keras_model(workdir, tmp_path,
+                                                                      encoder):
+    pytest.importorskip("tf2onnx", reason="the ONNX extra: pip install -r requirements-onnx.txt")
+    pytest.importorskip("onnxruntime", reason="the ONNX extra: pip install -r "
+                                              "requirements-onnx.txt")
+    model = build_model("unet", encoder=encoder, filters=4, depth=3)
+    model.save(workdir / "m.keras")
+    result = cli("--weights", "m.keras", "--export", "--run-name", "e")
+    assert result.exit_code == 0, result.output
+    onnx = workdir / "logs/e/export/model.onnx"
+    assert "for ONNX Runtime: logs/e/export/model.onnx" in result.output
+    image = np.random.default_rng(1).integers(0, 256, (50, 33, 3)).astype(np.uint8)  # not /32
+    np.save(tmp_path / "image.npy", image)
+    done = subprocess.run([sys.executable, "-I", "-c", RUN_ONNX, str(onnx),
+                           str(tmp_path / "image.npy"), str(tmp_path / "out.npy")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = np.load(tmp_path / "out.npy")
+    assert out.shape == (50, 33, 1)
+    assert np.allclose(out, predict_probabilities(model, image), atol=1e-4)
 
 
 def test_an_export_never_replaces_an_earlier_one(tmp_path):

@@ -112,6 +112,13 @@ def test_resume_restores_every_learned_option(workdir):
     assert settings.run_name == "logs" and settings.logs_dir == workdir
 
 
+def test_resume_predicts_as_the_run_was_started_unless_this_call_says_otherwise(workdir):
+    folder = saved_run(workdir / "logs/r", tta=1, threshold=0.4, export=True)
+    settings = resolved("--resume", folder)
+    assert (settings.tta, settings.threshold, settings.export) == (1, 0.4, True)
+    assert resolved("--resume", folder, "--tta", "8").tta == 8
+
+
 def test_resume_says_which_flags_it_ignores(workdir):
     folder = saved_run(workdir / "logs/r", lr=0.05)
     result = cli("--resume", folder, "--lr", "0.9", "--data-dir", "nowhere")

@@ -132,14 +132,20 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(workdir, road_d
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
 
 
+# (optimizer step the signal arrives after, checkpoint's (epochs done, step into the next))
+STOPS = {"mid-epoch": (7, (1, 2)),        # epoch 2, step 2 of 5: stops after that batch
+         "last batch": (10, (2, 0))}      # epoch 2's last step: its end (history row) first
+
+
 @pytest.mark.slow
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir,
-                                                                   monkeypatch):
+@pytest.mark.parametrize("when", STOPS)
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir, monkeypatch, when):
     assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "whole").exit_code == 0
     keep_batch_end = RunCheckpoint.on_train_batch_end
+    signal_step, checkpoint = STOPS[when]
 
     def terminated_in_epoch_two(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) == 7:     # epoch 2, step 2 of 5
+        if int(self.model.optimizer.iterations.numpy()) == signal_step:
             os.kill(os.getpid(), signal.SIGTERM)
         keep_batch_end(self, batch, logs)
 
@@ -150,12 +156,16 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_exactly(workdir, road
     assert "stopped by SIGTERM during epoch 2" in result.output
     assert "Continue with: python main_cil.py --resume logs/stopped" in result.output
     state = json.loads(Path("logs/stopped/checkpoint/state.json").read_text())
-    assert (state["epoch"], state["step"]) == (1, 2)
+    assert (state["epoch"], state["step"]) == checkpoint
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL    # handlers given back
     result = cli("--resume", "logs/stopped")
     assert result.exit_code == 0, result.output
     for a, b in zip(final_weights(Path("logs/whole")), final_weights(Path("logs/stopped"))):
         assert np.allclose(a, b, atol=1e-5)
+    epochs = [row.split(",")[0] for row in
+              Path("logs/stopped/history.csv").read_text().splitlines()[1:]]
+    assert epochs == [row.split(",")[0] for row in
+                      Path("logs/whole/history.csv").read_text().splitlines()[1:]]
 
 
 @pytest.mark.slow
