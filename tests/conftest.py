@@ -11,13 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.io
-import tensorflow as tf
 from click.testing import CliRunner
 
 from data_cil import write_synthetic_dataset
-from main_cil import main
+from main_cil import import_tensorflow, main
 from settings_cil import resolve_settings
 
+# quiet: TensorFlow's C++ start-up lines would pass the capture of pytest-xdist's workers.
+# That sets TF_QUIET, as main_cil.py does; jobs a test starts are given an environment
+# without it, so their quiet logs show the tool quieting TensorFlow by itself.
+tf = import_tensorflow()
+TF_QUIET = "TF_CPP_MIN_LOG_LEVEL"
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 tf.config.experimental.enable_op_determinism()

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import grid_cil
 from grid_cil import GridError, expand, job_command, job_id, job_status, load_grid
-from tests.conftest import REPO
+from tests.conftest import REPO, TF_QUIET
 
 FAKE_SCHEDULER = """#!{python}
 # Records its arguments and environment as JSON, answers like the real {name}.
@@ -46,7 +46,7 @@ def fake(tmp_path, monkeypatch, name, answer):
 
 
 def grid(*args):
-    return CliRunner().invoke(grid_cil.main, [str(a) for a in args])
+    return CliRunner().invoke(grid_cil.main, [str(a) for a in args], env={TF_QUIET: None})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ munge) gives this machine a one-node cluster; `.ci/run` starts it before the sui
 with the reason, where there is no SLURM to submit to."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from grid_cil import job_status
-from tests.conftest import REPO
+from tests.conftest import REPO, TF_QUIET
 
 
 def slurm_answers():
@@ -31,9 +32,10 @@ WAIT_SECONDS = 600
 
 
 def run_grid(grid_file, jobs_dir):
+    environment = {name: value for name, value in os.environ.items() if name != TF_QUIET}
     result = subprocess.run([sys.executable, "grid_cil.py", str(grid_file), "--scheduler",
                              "slurm", "--jobs-dir", str(jobs_dir)], cwd=REPO,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
