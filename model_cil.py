@@ -300,7 +300,19 @@ def backbone(name, weights="none", download=True):
             raise InputError(f"--encoder-weights {path}: does not fit the {name} encoder "
                              f"({type(error).__name__}: {reason}); pass weights saved from "
                              f"a {name}") from None
+    if weights in ("none", None):
+        _follow_batch_statistics(model)
     return model
+
+
+def _follow_batch_statistics(network):
+    """Every batch norm of a randomly initialised `network` at BATCHNORM_MOMENTUM: with
+    MobileNetV3's 0.999 the moving statistics, which validation uses, are still mostly their
+    initial values after a 20-epoch run (0.999**544 = 0.58), and a from-scratch encoder U-Net
+    then predicted no road at all on validation while it fitted its training crops."""
+    for layer in network.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.momentum = BATCHNORM_MOMENTUM
 
 
 def build_encoder_unet(encoder, *, encoder_weights="none", classes=1, filters=FILTERS,

@@ -537,14 +537,14 @@ def export_saved_model(model, folder):
         tf.saved_model.save(serving, str(partial), signatures={
             "serving_default": serving.serve_float.get_concrete_function(),
             "serving_uint8": serving.serve_uint8.get_concrete_function()})
-        no_onnx = onnx_written(partial)
+        no_onnx = write_onnx(partial)
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return folder, no_onnx
 
 
-def onnx_written(saved_model):
+def write_onnx(saved_model):
     """Convert the SavedModel's serving_default into ONNX_FILE beside it with tf2onnx's
     command line; None when done, else why not. Converting the saved graph, not the live
     function, makes every constant a model captured (EfficientNet's input normalisation) part

@@ -218,7 +218,8 @@ class RunCheckpoint(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._epoch_start = epoch, time.perf_counter()
 
-    def _stop(self):
+    def _interrupted(self):
+        """What reports the stop request: its signal and the epoch it arrived in."""
         return TrainingInterrupted(signal.Signals(_stop_signal_number).name, _stop_signal_number,
                                    self._epoch + 1, self.run_dir)
 
@@ -232,7 +233,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         # checkpoint): a checkpoint there would skip what the epoch's end writes
         if _stop_requested.is_set() and step < self.steps_per_epoch:
             self._save_state(self._epoch, step)
-            raise self._stop()
+            raise self._interrupted()
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch_seconds.append(round(time.perf_counter() - self._epoch_start, 2))
@@ -252,7 +253,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                 self.model.stop_training = True
         self._save_state(epoch + 1, 0)
         if _stop_requested.is_set() and epoch + 1 < self.params["epochs"]:
-            raise self._stop()
+            raise self._interrupted()
 
 
 class ImagePanel(keras.callbacks.Callback):

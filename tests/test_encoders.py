@@ -64,6 +64,20 @@ def test_unet_plus_plus_builds_on_its_own_encoder_and_on_a_backbone(encoder):
     assert required_multiple(model) == (8 if encoder is None else 32)
 
 
+def test_batch_statistics_of_a_random_encoder_catch_up_within_a_short_run():
+    network = backbone(SMALL, "none")
+    batch_norm = next(layer for layer in network.layers
+                      if isinstance(layer, keras.layers.BatchNormalization))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    probe = keras.Model(network.input, batch_norm.input)
+    batch_mean = probe(images).numpy().mean(axis=(0, 1, 2))
+    for _ in range(30):                  # 30 training steps on one batch
+        network(images, training=True)
+    # 1 - 0.9**30 = 96% of the way; MobileNetV3's own 0.999 would be 3% of the way
+    assert np.allclose(batch_norm.moving_mean.numpy(), batch_mean, rtol=0.1,
+                       atol=0.1 * np.abs(batch_mean).mean())
+
+
 def test_a_weights_file_of_the_encoder_loads_and_changes_the_predictions(tmp_path):
     constructor, _ = BACKBONES[SMALL]
     keras.utils.set_random_seed(5)
