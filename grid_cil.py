@@ -29,7 +29,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +38,9 @@ from pathlib import Path
 import click
 
 from data_cil import InputError, write_json
-from runs_cil import (FOLD_PREFIX, RUN_NAME, check_run_name, fold_folder, lock_owner, path,
-                      process_alive, read_exit_code, read_json, read_metrics, read_state,
-                      set_aside)
+from runs_cil import (FOLD_PREFIX, RUN_NAME, check_run_name, fold_folder, host_name,
+                      lock_owner, path, process_alive, read_exit_code, read_json, read_metrics,
+                      read_state, set_aside)
 from settings_cil import (CONTEXT, OPTIONS, flag_word, option_for, resolve_settings,
                           typed_value)
 
@@ -284,7 +283,7 @@ def claim(folder, scheduler):
     """Mark the job as being submitted by this process (created exclusively: of two grid calls,
     one wins); False when another call holds it."""
     content = json.dumps(dict(scheduler=scheduler, job_id=None, pid=os.getpid(),
-                              host=socket.gethostname(),
+                              host=host_name(),
                               time=datetime.now().isoformat(timespec="seconds")))
     try:
         descriptor = os.open(Path(folder) / SUBMITTED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -308,7 +308,7 @@ def backbone(name, weights="none", download=True):
 def _follow_batch_statistics(network):
     """Every batch norm of a randomly initialised `network` at BATCHNORM_MOMENTUM: with
     MobileNetV3's 0.999 the moving statistics, which validation uses, are still mostly their
-    initial values after a 20-epoch run (0.999**544 = 0.58), and a from-scratch encoder U-Net
+    initial values after a 17-epoch run (0.999**544 = 0.58), and a from-scratch encoder U-Net
     then predicted no road at all on validation while it fitted its training crops."""
     for layer in network.layers:
         if isinstance(layer, layers.BatchNormalization):

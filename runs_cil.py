@@ -115,14 +115,15 @@ def fold_folder(folder, fold):
 # Lock: which live process holds a run
 
 
-def _host():
+def host_name():
+    """This machine's name as run records (lock, config.json, a grid's claim) write it."""
     return socket.gethostname()
 
 
 def process_alive(record):
     """Whether the process {pid, host} a record names still runs; one of another host counts
     as alive: this host cannot see it."""
-    if record.get("host") != _host():
+    if record.get("host") != host_name():
         return True
     try:
         os.kill(record["pid"], 0)
@@ -156,7 +157,7 @@ def acquire_lock(folder):
             stale.unlink()
         except FileNotFoundError:
             pass
-    content = json.dumps(dict(pid=os.getpid(), host=_host(),
+    content = json.dumps(dict(pid=os.getpid(), host=host_name(),
                               started=datetime.now().isoformat(timespec="seconds")))
     try:
         descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -172,7 +173,7 @@ def acquire_lock(folder):
 
 def release_lock(folder):
     owner = read_json(path(folder, "lock")) if path(folder, "lock").is_file() else None
-    if owner and owner.get("pid") == os.getpid() and owner.get("host") == _host():
+    if owner and owner.get("pid") == os.getpid() and owner.get("host") == host_name():
         path(folder, "lock").unlink(missing_ok=True)
 
 

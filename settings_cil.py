@@ -14,7 +14,6 @@ import functools
 import importlib.metadata
 import json
 import math
-import socket
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -25,8 +24,8 @@ from click.core import ParameterSource
 
 from data_cil import InputError
 from mask_to_submission import FOREGROUND_THRESHOLD
-from runs_cil import (check_run_name, fold_folder, read_metrics, read_record, read_state,
-                      run_folder_of)
+from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
+                      read_state, run_folder_of)
 
 # ---------------------------------------------------------------------------------------------
 # Defaults
@@ -631,9 +630,9 @@ def _given(ctx):
 def earlier_run_layer(given_path, *, submit=False, refit=False):
     """Settings of an earlier run for --from-run: its learned settings, its best epoch as the
     epoch count. A cross-validated run gives its out-of-fold thresholds (where they beat the
-    defaults on folds they were not tuned on) and its fold models: to average for --submit, or to predict their held-out images again
-    without --submit (with other prediction settings, such as --tta); --refit instead trains
-    one model for the folds' median best epoch."""
+    defaults on folds they were not tuned on) and its fold models: to average for --submit, or
+    to predict their held-out images again without --submit (with other prediction settings,
+    such as --tta); --refit instead trains one model for the folds' median best epoch."""
     folder = run_folder_of(given_path)
     record = read_record(folder)
     layer = record_layer(record, learned_names(), folder / "config.json")
@@ -839,4 +838,4 @@ def config_record(settings, run_name):
                 sources={**settings.sources, "run_name": settings.sources.get("run_name",
                                                                               "generated")},
                 command=" ".join(sys.argv), started=datetime.now().isoformat(timespec="seconds"),
-                host=socket.gethostname(), versions=versions)
+                host=host_name(), versions=versions)

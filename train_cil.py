@@ -228,10 +228,12 @@ class RunCheckpoint(keras.callbacks.Callback):
         if not math.isfinite(loss):
             raise TrainingDiverged(f"the loss became {loss} in epoch {self._epoch + 1}",
                                    self.run_dir)
+        if not _stop_requested.is_set():
+            return
         step = int(self.model.optimizer.iterations.numpy()) - self._epoch * self.steps_per_epoch
         # after an epoch's last batch, the stop waits for its end (validation, history row,
         # checkpoint): a checkpoint there would skip what the epoch's end writes
-        if _stop_requested.is_set() and step < self.steps_per_epoch:
+        if step < self.steps_per_epoch:
             self._save_state(self._epoch, step)
             raise self._interrupted()
 

@@ -55,18 +55,24 @@ np.save(sys.argv[3], np.stack([each["probabilities"].numpy()[0] for each in out]
 """
 
 
-def predicted_alone(export, image, scratch):
-    """(float, uint8) signatures' probabilities for `image` from a SavedModel loaded in a fresh
-    interpreter that has only the installed packages: no project on its path."""
+def run_alone(script, model_file, image, scratch):
+    """What `script` saves to argv[3] after reading the model (argv[1]) and the image saved
+    to argv[2], run in a fresh interpreter that has only the installed packages: no project on
+    its path."""
     np.save(scratch / "image.npy", image)
     alone = scratch / "alone"
     alone.mkdir(exist_ok=True)
     # -I: no user site, no current folder, no PYTHONPATH
-    done = subprocess.run([sys.executable, "-I", "-c", LOAD_AND_PREDICT, str(export.resolve()),
+    done = subprocess.run([sys.executable, "-I", "-c", script, str(Path(model_file).resolve()),
                            str(scratch / "image.npy"), str(scratch / "out.npy")], cwd=alone,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return tuple(np.load(scratch / "out.npy"))
+    return np.load(scratch / "out.npy")
+
+
+def predicted_alone(export, image, scratch):
+    """(float, uint8) signatures' probabilities for `image` from a SavedModel loaded alone."""
+    return tuple(run_alone(LOAD_AND_PREDICT, export, image, scratch))
 
 
 def save(path, array):

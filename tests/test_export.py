@@ -2,15 +2,13 @@
 TensorFlow, none of this project's code on its path."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from model_cil import build_model, build_unet
 from predict_cil import predict_probabilities
-from tests.conftest import cli, predicted_alone
+from tests.conftest import cli, predicted_alone, run_alone
 
 
 def test_an_exported_model_predicts_alone_like_the_keras_model(workdir, tmp_path):
@@ -57,12 +55,7 @@ def test_an_onnx_export_predicts_in_onnx_runtime_like_the_keras_model(workdir, t
     onnx = workdir / "logs/e/export/model.onnx"
     assert "for ONNX Runtime: logs/e/export/model.onnx" in result.output
     image = np.random.default_rng(1).integers(0, 256, (50, 33, 3)).astype(np.uint8)  # not /32
-    np.save(tmp_path / "image.npy", image)
-    done = subprocess.run([sys.executable, "-I", "-c", RUN_ONNX, str(onnx),
-                           str(tmp_path / "image.npy"), str(tmp_path / "out.npy")],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    out = np.load(tmp_path / "out.npy")
+    out = run_alone(RUN_ONNX, onnx, image, tmp_path)
     assert out.shape == (50, 33, 1)
     assert np.allclose(out, predict_probabilities(model, image), atol=1e-4)
 

@@ -5,7 +5,6 @@ exit code 2, and lose nothing."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import mask_to_submission as m2s
 from data_cil import InputError, image_number, write_atomically
 from main_cil import main
 from predict_cil import write_test_predictions
-from runs_cil import close_run, open_run
+from runs_cil import close_run, host_name, open_run
 from tests.conftest import REPO, TINY, cli, make_pair, resolved, rgb, save
 
 
@@ -165,7 +164,7 @@ def test_a_local_job_that_runs_is_skipped_by_a_second_grid_call(tmp_path):
     runner = subprocess.Popen(["sleep", "60"])
     try:
         (folder / "submitted.json").write_text(json.dumps(dict(
-            scheduler="local", job_id="local", pid=runner.pid, host=socket.gethostname())))
+            scheduler="local", job_id="local", pid=runner.pid, host=host_name())))
         result = CliRunner().invoke(grid_cil.main, [str(tmp_path / "g.json"), "--jobs-dir",
                                                     str(tmp_path / "jobs")])
         assert "lr-0.1: running, skipped" in result.output
