@@ -66,8 +66,8 @@ POLICIES = ("float32", "mixed_bfloat16")   # mixed_float16 is --amp's policy, fo
 PARTS = ("peak", "models", "pipeline", "memory", "startup", "encoders", "tiles")
 DEFAULT_PARTS = ("peak", "models", "pipeline", "memory", "startup")
 ENTRY_POINTS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py")
-BENCH_ENCODERS = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb3", "efficientnetv2b0",
-                  "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
+BENCH_ENCODERS = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb3",
+                  "efficientnetv2b0", "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
 QUICK_ENCODER = "mobilenetv3small"     # the quickest to build
 TILE_SIDES = (608, 2048, 5000)   # a test image, a larger aerial tile, a whole 5000x5000 scene
 WHOLE_LIMIT = 2048               # sides predicted whole too; 5000 whole needs >20 GiB here

@@ -102,7 +102,8 @@ def test_the_same_seed_and_position_repeat_and_others_differ():
 
 def test_no_aug_is_a_plain_crop():
     image = np.arange(40 * 40 * 3).reshape(40, 40, 3).astype(np.uint8)
-    out, _ = perturb_pair(image, image[..., :1], tf.constant([0, 0], tf.int64), NO_PERTURBATION, (40, 40))
+    seed = tf.constant([0, 0], tf.int64)
+    out, _ = perturb_pair(image, image[..., :1], seed, NO_PERTURBATION, (40, 40))
     assert np.array_equal(out.numpy(), image)
 
 
@@ -155,5 +156,6 @@ def test_images_of_several_sizes_need_a_crop():
     masks = [np.zeros(i.shape[:2], np.uint8) for i in images]
     with pytest.raises(InputError, match="differ in size.*pass --crop"):
         training_dataset(images, masks, batch_size=1, aug=NO_PERTURBATION, seed=0)
-    x, _ = next(iter(training_dataset(images, masks, batch_size=2, aug=NO_PERTURBATION, seed=0, crop=16)))
+    dataset = training_dataset(images, masks, batch_size=2, aug=NO_PERTURBATION, seed=0, crop=16)
+    x, _ = next(iter(dataset))
     assert x.shape == (2, 16, 16, 3)

@@ -249,7 +249,8 @@ def test_a_rerun_never_changes_what_a_queued_task_runs(tmp_path, monkeypatch):
     job = (tmp_path / "jobs/g/lr-0.1/job.json").read_text()
     path.write_text(json.dumps({"lr": [0.1, 0.01, 0.5]}))
     result = grid(path, "--scheduler", "slurm", "--jobs-dir", tmp_path / "jobs")
-    assert "lr-0.1: pending, skipped" in result.output and "lr-0.01: pending, skipped" in result.output
+    assert "lr-0.1: pending, skipped" in result.output
+    assert "lr-0.01: pending, skipped" in result.output
     assert [listing.read_text() for listing in listings] == before
     assert (tmp_path / "jobs/g/lr-0.1/job.json").read_text() == job
     new_listing = sorted((tmp_path / "jobs/g/arrays").iterdir())[-1]

@@ -50,7 +50,8 @@ def test_required_multiple_follows_the_depth_and_the_settings_know_it():
 
 def test_every_model_name_has_exactly_one_builder_and_unknown_names_fail():
     assert set(BUILDERS) == set(MODEL_NAMES)
-    with pytest.raises(ValueError, match="unknown model 'vnet'; choose one of unet, unet\\+\\+, tiny-unet"):
+    expected = "unknown model 'vnet'; choose one of unet, unet\\+\\+, tiny-unet"
+    with pytest.raises(ValueError, match=expected):
         build_model("vnet")
 
 
