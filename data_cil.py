@@ -3,6 +3,8 @@ road images behind `--demo` and the tests. No TensorFlow here: the Kaggle conver
 command line's checks read images without loading it (the tf.data pipeline is pipeline_cil.py).
 """
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -22,10 +24,34 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NUMBERED_NAME = re.compile(r"[A-Za-z]+_(\d+)")
 MASK_THRESHOLD = 128         # road pixels are 237 with anti-aliased edges, not 255
 MAX_NAMES_SHOWN = 3          # file names listed in one error line before "and N more"
+MAX_IMAGE_SIDE = 16384       # pixels; larger images are refused (a 16384^2 RGB image is 768 MiB)
 
 
 class InputError(Exception):
     """A problem with the user's files or options, reported as one line without a traceback."""
+
+
+# errno -> what a user can do about a file that cannot be written or read
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "no space left on the device; free some (df -h) and run again",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose a folder with quota left",
+    errno.EROFS: "read-only file system; choose a writable folder",
+    errno.EACCES: "permission denied; make it writable or choose another folder",
+    errno.EPERM: "not permitted; make it writable or choose another folder",
+    errno.ENAMETOOLONG: "name too long for the file system; choose a shorter path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "is a folder, not a file; choose another path",
+}
+SHOWN_PATH_CHARACTERS = 160  # a path longer than this is shown shortened in an error line
+
+
+def os_error_line(error, path=None):
+    """One line for a failed file operation: the file, what happened, what to do."""
+    name = str(error.filename if error.filename is not None else path or "?")
+    if len(name) > SHOWN_PATH_CHARACTERS:
+        name = f"{name[:SHOWN_PATH_CHARACTERS // 2]}...{name[-SHOWN_PATH_CHARACTERS // 2:]}"
+    fix = OS_ERROR_FIXES.get(error.errno, f"{error.strerror or error}")
+    return f"{name}: {fix}"
 
 
 def write_atomically(path, write):
@@ -39,11 +65,11 @@ def write_atomically(path, write):
     try:
         write(temporary)
         os.replace(temporary, path)
-    except PermissionError as error:
-        raise InputError(f"{path.parent}: not writable ({error.strerror}); make it writable or "
-                         "choose another folder") from None
+    except OSError as error:
+        raise InputError(os_error_line(error, path)) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):         # gone already, or its folder unreadable
+            temporary.unlink(missing_ok=True)
     return path
 
 
@@ -57,14 +83,15 @@ def write_json_once(path, data):
     path = Path(path)
     temporary = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.partial"
                                f"{path.suffix}")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
     try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
         os.link(temporary, path)               # fails if the file exists, atomically
         return True
     except FileExistsError:
         return False
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 def write_png(path, array):
@@ -186,6 +213,9 @@ def _to_uint8(array, path):
 def read_image(path, notes=None):
     """An RGB uint8 (H, W, 3) array; grey and alpha are converted and counted in `notes`."""
     array = _to_uint8(read_array(path), path)
+    if max(array.shape[:2]) > MAX_IMAGE_SIDE:
+        raise InputError(f"{path}: {array.shape[1]}x{array.shape[0]} pixels, larger than "
+                         f"{MAX_IMAGE_SIDE} on a side; cut it into tiles")
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
@@ -329,8 +359,11 @@ def train_sample_size(images, crop, aug, multiple=1):
     if crop:
         small = [s for s in sizes if min(s) < crop]
         if small:
+            fit = min(min(s) for s in sizes) // multiple * multiple
+            hint = (f"pass --crop {fit} or smaller (a multiple of {multiple})" if fit else
+                    f"use images of at least {multiple} pixels or a smaller --depth")
             raise InputError(f"--crop {crop} is larger than images of {small[0][1]}x{small[0][0]}; "
-                             f"pass --crop {min(min(s) for s in sizes)} or smaller")
+                             f"{hint}")
         return crop, crop
     if len(sizes) > 1:
         raise InputError(f"training images differ in size ({sizes[0][1]}x{sizes[0][0]} and "

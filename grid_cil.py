@@ -37,10 +37,10 @@ from pathlib import Path
 
 import click
 
-from data_cil import InputError, write_json
+from data_cil import InputError, write_json, write_json_once
 from runs_cil import (FOLD_PREFIX, RUN_NAME, check_run_name, fold_folder, host_name,
                       lock_owner, path, process_alive, read_exit_code, read_json, read_metrics,
-                      read_state, set_aside)
+                      own_folder, read_state, set_aside)
 from settings_cil import (CONTEXT, OPTIONS, flag_word, option_for, resolve_settings,
                           typed_value)
 
@@ -282,16 +282,9 @@ def job_status(folder):
 def claim(folder, scheduler):
     """Mark the job as being submitted by this process (created exclusively: of two grid calls,
     one wins); False when another call holds it."""
-    content = json.dumps(dict(scheduler=scheduler, job_id=None, pid=os.getpid(),
-                              host=host_name(),
-                              time=datetime.now().isoformat(timespec="seconds")))
-    try:
-        descriptor = os.open(Path(folder) / SUBMITTED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(descriptor, "w") as file:
-        file.write(content + "\n")
-    return True
+    return write_json_once(Path(folder) / SUBMITTED, dict(
+        scheduler=scheduler, job_id=None, pid=os.getpid(), host=host_name(),
+        time=datetime.now().isoformat(timespec="seconds")))
 
 
 def record_submission(folder, scheduler, identifier):
@@ -312,10 +305,11 @@ def prepare(folder, words, run_outputs, placement):
         for moved in (folder, *run_outputs):
             if moved.exists():
                 set_aside(moved)
-    folder.mkdir(parents=True, exist_ok=True)
+    logs_dir, name = placement
+    own_folder(Path(logs_dir) / name, "job folder")      # a fold's: the cross-validated run
+    own_folder(folder, "job folder")
     for stale in (path(folder, "exit_code"), folder / SUBMITTED, path(folder, "lock")):
         stale.unlink(missing_ok=True)          # the scheduler says it no longer runs
-    logs_dir, name = placement
     write_json(path(folder, "job"), dict(args=list(words), logs_dir=str(logs_dir), run_name=name,
                                          cwd=str(Path.cwd())))
     return "resume" if resumable else "start"
@@ -468,7 +462,7 @@ def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_D
     jobs = expand(name, varied, fixed)
     _scheduler_available(scheduler, dry_run)
     grid_dir = Path(jobs_dir) / name
-    grid_dir.mkdir(parents=True, exist_ok=True)
+    own_folder(grid_dir, "grid folder", "rename the grid file or pass another --jobs-dir")
     write_json(grid_dir / "grid.json", json.loads(Path(grid_file).read_text()))
     outputs = ["--valid-output-dir", str(grid_dir / "valid_output"),
                "--submit-output-dir", str(grid_dir / "submit_output")]
@@ -726,7 +720,7 @@ def submit_single(scheduler, words, dry_run):
                and option.name not in ("run_name", "logs_dir")}
     if gpus and "gpus" not in options:
         options["gpus"] = gpus                 # train on what the job reserves
-    folder.mkdir(parents=True, exist_ok=True)
+    own_folder(folder, "run folder")
     write_json(path(folder, "job"), dict(args=job_words(options), logs_dir=str(folder.parent),
                                          run_name=name, cwd=str(Path.cwd())))
     claim(folder, scheduler)

@@ -11,6 +11,7 @@ runs_cil.py the run folder, and TensorFlow is imported only once a run really st
 """
 
 import contextlib
+import difflib
 import math
 import os
 import sys
@@ -20,18 +21,21 @@ from pathlib import Path
 import click
 import numpy as np
 
+from cli_cil import one_line_errors
 from data_cil import (InputError, find_pairs, find_test_images, fold_assignment, load_pairs,
-                      parse_palette, split_pairs, train_sample_size, write_json, write_json_once,
-                      write_synthetic_dataset)
+                      os_error_line, parse_palette, split_pairs, train_sample_size, write_json,
+                      write_json_once, write_synthetic_dataset)
 from runs_cil import (FOLD_PREFIX, Run, TrainingDiverged, TrainingInterrupted, close_run,
-                      fold_folder, make_folder, open_run, path, read_json, read_metrics,
-                      read_record, read_state, run_folder_of)
-from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES, OPTIONS,
-                          GroupedCommand, config_record, input_multiple, learned_names,
-                          parse_class_weights, parse_loss, resolve_settings)
+                      fold_folder, open_run, own_folder, path, read_json, read_metrics,
+                      read_record, read_state, refuse_foreign, run_folder_of)
+from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES,
+                          ENV_PREFIX, OPTIONS, GroupedCommand, config_record, input_multiple,
+                          learned_names, parse_class_weights, parse_loss, resolve_settings,
+                          tile_error)
 
 # Threads TensorFlow may use, from what the scheduler granted the job (else all cores).
 CORE_VARIABLES = ("SLURM_CPUS_PER_TASK", "LSB_DJOB_NUMPROC")
+BFLOAT16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}   # /proc/cpuinfo's names
 
 
 def echo(text="", err=False):
@@ -111,6 +115,24 @@ def resolved_class_weights(settings, masks):
 # Devices and the run folder
 
 
+def cpu_has_bfloat16():
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo;
+    elsewhere TensorFlow emulates it, slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return bool(set(flags) & BFLOAT16_CPU_FLAGS)
+
+
+def mixed_policy(on_gpu):
+    """Keras' mixed-precision policy for --amp: float16 on a GPU (with loss scaling), bfloat16 on
+    a CPU that has bfloat16 instructions, None (float32) on one that has not."""
+    if on_gpu:
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_bfloat16() else None
+
+
 def distribution(settings):
     """(strategy, replicas): one device by default, MirroredStrategy over --gpus N (N >= 2), the
     CPU with --gpus 0; threads as the scheduler granted; mixed precision only on a GPU."""
@@ -130,11 +152,13 @@ def distribution(settings):
     if settings.gpus and settings.gpus > len(found):
         raise InputError(f"--gpus {settings.gpus}: only {len(found)} GPU(s) visible to "
                          f"TensorFlow; pass --gpus {len(found)} or fewer")
-    if settings.amp and found:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    policy = mixed_policy(bool(found)) if settings.amp else None
+    if settings.amp and policy:
+        echo(f"precision: {policy} (--amp)")
     elif settings.amp:
-        echo("note: --amp ignored on the CPU: mixed_float16 is for GPUs (README 'Mixed "
-             "precision'); training in float32")
+        echo("note: --amp ignored: this CPU has no bfloat16 instructions (avx512_bf16 or "
+             "amx_bf16), where mixed precision runs slower than float32; training in float32")
+    keras.mixed_precision.set_global_policy(policy or "float32")   # the process's, per run
     threads = f", {cores} threads" if cores else ""
     if settings.gpus and settings.gpus > 1:
         devices = [f"/gpu:{i}" for i in range(settings.gpus)]
@@ -180,6 +204,13 @@ def opened_run(settings, inside=None, *, resume=None, force=None):
         if not resume:
             write_json(run.file("config"), config_record(settings, run.name))
         yield run
+    except (InputError, OSError) as error:
+        if read_state(run.folder) is None:
+            raise
+        line = str(error) if isinstance(error, InputError) else os_error_line(error)
+        resumed = inside.folder if inside is not None else run.folder
+        raise InputError(f"{line}; the last checkpoint in {run.folder} is intact: once that is "
+                         f"mended, continue with python main_cil.py --resume {resumed}") from error
     finally:
         close_run(run)
 
@@ -216,7 +247,7 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
     """Build (or reload the run's checkpoint), compile and fit; returns the RunCheckpoint."""
     import keras
     import tensorflow as tf
-    from model_cil import required_multiple
+    from model_cil import load_model, required_multiple
     from pipeline_cil import training_dataset, validation_arrays
     from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, keras_verbosity,
                            run_callbacks, stop_on_signals)
@@ -225,7 +256,7 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
     state = read_state(run.folder)
     with strategy.scope():
         if state:
-            model = keras.models.load_model(run.file("checkpoint_dir") / state["file"])
+            model = load_model(run.file("checkpoint_dir") / state["file"])
         else:
             keras.utils.set_random_seed(settings.seed)
             model = build_and_compile(settings, steps, class_weights)
@@ -283,7 +314,8 @@ def preflight(settings, images):
     against the model, and an encoder's starting weights (found, and fitting)."""
     train_sample_size(images, settings.crop, settings.aug,
                       input_multiple(settings.model, settings.depth, settings.encoder))
-    if settings.encoder and settings.encoder_weights != "none" and not settings.resume:
+    if (settings.encoder and settings.encoder_weights != "none" and not settings.resume
+            and not settings.weights):
         from model_cil import backbone
         backbone(settings.encoder, settings.encoder_weights)
 
@@ -291,7 +323,7 @@ def preflight(settings, images):
 def validated_run(settings, run, strategy, replicas, train_set, valid_set):
     """Train on train_set and validate on valid_set, each (pairs, images, masks): the best
     model, its full-size validation (outputs, table, metrics.json); returns its probabilities."""
-    import keras
+    from model_cil import load_model
     from predict_cil import predicted, report_validation
     (_, train_images, train_masks), (valid_pairs, valid_images, valid_masks) = train_set, valid_set
     class_weights = resolved_class_weights(settings, train_masks)
@@ -299,7 +331,7 @@ def validated_run(settings, run, strategy, replicas, train_set, valid_set):
                        class_weights, valid=(valid_images, valid_masks))
     echo(f"\nbest {settings.monitor} {checkpoint.best:.4f} at epoch {checkpoint.best_epoch}"
          f" of {len(checkpoint.epoch_seconds)}; model: {run.file('best_model')}")
-    model = keras.models.load_model(run.file("best_model"))
+    model = load_model(run.file("best_model"))
     probabilities = predicted([model], valid_images, settings)
     report = report_validation(settings, run, valid_pairs, valid_images, valid_masks,
                                probabilities, palette_of(settings))
@@ -341,9 +373,10 @@ def cross_validation_run(settings, pairs, assignment):
     name = parent_settings.run_name
     run = Run(Path(settings.logs_dir) / name, Path(settings.valid_output_dir) / name,
               Path(settings.submit_output_dir) / name)
+    refuse_foreign(run)
     for folder, what in ((run.folder, "run folder"), (run.valid_dir, "validation output folder"),
                          (run.submit_dir, "submission folder")):
-        make_folder(folder, what)
+        own_folder(folder, what)
     record = config_record(parent_settings, name)
     if not (write_json_once(run.file("config"), record) & write_json_once(run.file("split"),
                                                                            split)):
@@ -406,12 +439,24 @@ def cross_validate(settings):
     echo(f"out-of-fold report: {parent.file('metrics')}")
 
 
+def check_tile(settings, models, files=None):
+    """InputError when --tile is no multiple of what a model of --weights takes: each model
+    records its own (model_cil.required_multiple), whatever the settings' depth says."""
+    from model_cil import required_multiple
+    for file, model in zip(files or settings.weights, models):
+        multiple = required_multiple(model)
+        if settings.tile and settings.tile % multiple:
+            raise InputError(f"{file}: {tile_error(settings.tile, multiple)}")
+
+
 def revalidated_fold(settings, run, valid_set):
     """A fold's held-out images predicted by its saved model (settings.weights[fold]), with this
     run's prediction settings; the outputs, table and metrics.json as if it had trained."""
-    from predict_cil import load_saved_model, predicted, report_validation
+    from model_cil import load_saved_model
+    from predict_cil import predicted, report_validation
     weights = settings.weights[settings.fold]
     model = load_saved_model(weights, settings.classes)
+    check_tile(settings, [model], [weights])
     echo(f"model {weights}: predicting its held-out images again, no training")
     probabilities = predicted([model], valid_set[1], settings)
     report = report_validation(settings, run, *valid_set, probabilities, palette_of(settings))
@@ -421,7 +466,7 @@ def revalidated_fold(settings, run, valid_set):
 
 
 def train_and_submit(settings):
-    import keras
+    from model_cil import load_model
     from predict_cil import write_test_predictions
     pairs = selected_pairs(settings)
     images, masks = load(pairs, settings)
@@ -432,7 +477,7 @@ def train_and_submit(settings):
     with opened_run(settings) as run:
         echo(f"data {settings.data_dir}: training on all {len(pairs)} pairs (no validation)")
         checkpoint = train(settings, run, strategy, replicas, images, masks, class_weights)
-        model = keras.models.load_model(run.file("best_model"))
+        model = load_model(run.file("best_model"))
         submission = write_test_predictions([model], settings, run, tests, palette_of(settings))
         write_json(run.file("metrics"), dict(checkpoint.summary(), class_weights=class_weights,
                                              submission=submission))
@@ -441,8 +486,8 @@ def train_and_submit(settings):
 
 def predict_with_weights(settings):
     """No training: validate, submit or export with the saved model (several: their mean)."""
-    from predict_cil import (load_saved_model, model_classes, predicted, report_validation,
-                             write_test_predictions)
+    from model_cil import load_saved_model, model_classes
+    from predict_cil import predicted, report_validation, write_test_predictions
     explicit = settings.sources["classes"] == "command line"
     models = [load_saved_model(file, settings.classes if explicit else None)
               for file in settings.weights]
@@ -451,6 +496,7 @@ def predict_with_weights(settings):
         raise InputError(f"--weights: the models predict {sorted(classes)} classes; average "
                          "models of one task")
     settings = settings.replace(f"model {settings.weights[0]}", classes=classes.pop())
+    check_tile(settings, models)
     weights = [str(file) for file in settings.weights]
     for file, model in zip(weights, models):
         echo(f"model {file}: {model.count_params():,} parameters, no training")
@@ -484,6 +530,16 @@ def fetch_weights(name):
          "to a shared copy)")
 
 
+def check_environment_names():
+    """InputError for a CIL_ variable that names no option: it would be ignored silently."""
+    known = [f"{ENV_PREFIX}_{option.name.upper()}" for option in OPTIONS]
+    for variable in sorted(os.environ):
+        if variable.startswith(f"{ENV_PREFIX}_") and variable not in known:
+            match = difflib.get_close_matches(variable, known, n=1)
+            guess = f"did you mean {match[0]}?" if match else f"they are {ENV_PREFIX}_<OPTION>"
+            raise InputError(f"environment {variable}: names no option of main_cil.py; {guess}")
+
+
 def run(settings):
     import_tensorflow(quiet=not settings.debug)
     if settings.fetch_weights:
@@ -508,15 +564,12 @@ def main(ctx, **options):
     """Train a U-Net on image/mask pairs and validate it, or submit (see --submit)."""
     settings = None
     try:
-        settings, notes = resolve_settings(ctx)
-        for note in notes:
-            echo(note)
-        run(settings)
-    except InputError as error:
-        if options["debug"]:
-            raise
-        echo(f"error: {error}", err=True)
-        sys.exit(2)
+        with one_line_errors(debug=options["debug"]):
+            check_environment_names()
+            settings, notes = resolve_settings(ctx)
+            for note in notes:
+                echo(note)
+            run(settings)
     except TrainingInterrupted as stop:
         echo(f"\n{stop}; checkpoint saved. Continue with: python main_cil.py --resume "
              f"{stop.run_dir}", err=True)

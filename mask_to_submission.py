@@ -8,14 +8,14 @@ its row (top-left pixel), columns in the outer loop, images by number: the order
 course's own mask_to_submission.py.
 """
 
-import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
-from data_cil import (IMAGE_EXTENSIONS, InputError, image_number, read_array, write_atomically,
-                      write_png)
+from cli_cil import FiniteFloat, one_line_errors
+from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, InputError, image_number, read_array,
+                      write_atomically, write_png)
 
 # The Kaggle facts, here and nowhere else (losses_cil and predict_cil import them).
 PATCH_SIZE = 16              # the grader scores 16x16 patches
@@ -120,29 +120,52 @@ def masks_to_csv(mask_dir, csv_path, *, patch_size=PATCH_SIZE, threshold=FOREGRO
                             force=force)
 
 
-def read_submission(csv_path):
-    """{image number: {(x, y): label}} from a submission CSV."""
+def _patch_entry(line, where, patch_size):
+    """(number, x, y, label) of one CSV line, checked; InputError naming `where` otherwise."""
+    try:
+        key, label = line.split(",")
+        number, x, y = (int(part) for part in key.split("_"))
+    except ValueError:
+        raise InputError(f"{where}: '{line}' is not 'NNN_x_y,label'") from None
+    if label not in ("0", "1"):
+        problem = f"label {label!r} is not 0 or 1"
+    elif min(number, x, y) < 0:
+        problem = "image numbers and coordinates cannot be negative"
+    elif x % patch_size or y % patch_size:
+        problem = f"x and y must be multiples of the patch size {patch_size}"
+    elif max(x, y) + patch_size > MAX_IMAGE_SIDE:
+        problem = (f"the mask would be larger than {MAX_IMAGE_SIDE} pixels, the largest image "
+                   "this tool reads")
+    else:
+        return number, x, y, int(label)
+    raise InputError(f"{where}: '{line}': {problem}")
+
+
+def read_submission(csv_path, patch_size=PATCH_SIZE):
+    """{image number: {(x, y): label}} from a submission CSV, every line checked (ids once each,
+    labels 0/1, coordinates on the patch grid and within an image) before anything is written."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: file not found")
     lines = csv_path.read_text().split()
     if not lines or lines[0] != HEADER:
         raise InputError(f"{csv_path}: first line is not '{HEADER}'; is it a submission CSV?")
-    patches = {}
+    patches, seen = {}, {}
     for line_number, line in enumerate(lines[1:], start=2):
-        try:
-            key, label = line.split(",")
-            number, x, y = (int(part) for part in key.split("_"))
-            patches.setdefault(number, {})[(x, y)] = int(label)
-        except ValueError:
-            raise InputError(f"{csv_path}:{line_number}: '{line}' is not 'NNN_x_y,label'") from None
+        where = f"{csv_path}:{line_number}"
+        number, x, y, label = _patch_entry(line, where, patch_size)
+        if (number, x, y) in seen:
+            raise InputError(f"{where}: '{line}': id {line.split(',')[0]} repeats line "
+                             f"{seen[(number, x, y)]}; keep one line per patch")
+        seen[(number, x, y)] = line_number
+        patches.setdefault(number, {})[(x, y)] = label
     return patches
 
 
 def csv_to_masks(csv_path, out_dir, *, patch_size=PATCH_SIZE, force=False):
     """One 0/255 patch mask per image of the CSV, mask_NNN.png in `out_dir`; returns the paths."""
     out_dir = Path(out_dir)
-    patches = read_submission(csv_path)
+    patches = read_submission(csv_path, patch_size)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: is a file; pass a folder for the masks with -o")
     targets = {number: out_dir / f"mask_{number:03d}.png" for number in sorted(patches)}
@@ -169,12 +192,12 @@ def csv_to_masks(csv_path, out_dir, *, patch_size=PATCH_SIZE, force=False):
 @click.option("--to-masks", is_flag=True, help="Render the CSV SOURCE back to patch masks.")
 @click.option("--patch-size", type=click.IntRange(min=1), default=PATCH_SIZE, show_default=True,
               help="Side of the square patches the grader scores, in pixels.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=FOREGROUND_THRESHOLD,
+@click.option("--threshold", type=FiniteFloat(0, 1), default=FOREGROUND_THRESHOLD,
               show_default=True, help="A patch is foreground when its mean is above this.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 def main(source, output, to_masks, patch_size, threshold, force):
     """Write the submission CSV for the numbered masks in SOURCE, or masks from a CSV."""
-    try:
+    with one_line_errors():
         if to_masks:
             paths = csv_to_masks(source, output, patch_size=patch_size, force=force)
             click.echo(f"wrote {len(paths)} patch masks to {output}")
@@ -184,9 +207,6 @@ def main(source, output, to_masks, patch_size, threshold, force):
             road = sum(line.endswith(",1") for line in lines[1:])
             click.echo(f"wrote {output}: {len(lines) - 1} patches, "
                        f"{road / max(1, len(lines) - 1):.1%} road")
-    except InputError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ pooling or strided step halves them. Decoders: Ronneberger's U-Net, or UNet++'s 
 """
 
 import contextlib
-import os
-import socket
-import urllib.parse
-import warnings
+import importlib
+import zipfile
 from pathlib import Path
 
 import keras
@@ -20,11 +18,17 @@ import tensorflow as tf
 from keras import layers
 
 from data_cil import InputError
+
 from settings_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODER_POOLINGS, ENCODERS, FILTERS, INIT,
                           MODEL_NAMES, TINY_UNET_POOLINGS)
+from weights_cil import PACKAGED, cached_weights_only, load_file, load_packaged
 
 MULTIPLE_MARKER = "input_sides_multiple_of_"   # the name of a no-op layer after the input
-NETWORK_TIMEOUT = 5          # seconds to reach the weights' server before calling it offline
+# The modules whose classes a checkpoint of this tool names (registered under the package
+# "cil": the fused batch norm of older files, the losses and metrics, the optimizers with a
+# slower encoder): load_model imports them all, so reading a file never depends on what
+# happened to be imported before.
+REGISTERING_MODULES = ("model_cil", "losses_cil", "train_cil")
 PROBE_SIDE = 64              # input side at which an encoder's feature strides are read off
 
 BATCHNORM_MOMENTUM = 0.9     # Keras' 0.99 lags for hundreds of steps; short runs validated badly
@@ -239,67 +243,20 @@ def feature_indices(constructor):
     return indices
 
 
-def _reachable(url):
-    host = urllib.parse.urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=NETWORK_TIMEOUT).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def cached_weights_only(name, download):
-    """While inside, keras.applications takes pretrained weights from Keras' cache (KERAS_HOME or
-    ~/.keras/models); a missing file is downloaded only when `download` and the server answers,
-    else InputError naming the file and the command that fetches it. Keras' get_file has no
-    offline mode, so it is wrapped for the moment (keras.src.utils.file_utils, Keras 3)."""
-    from keras.src.utils import file_utils
-    original = file_utils.get_file
-
-    def get_file(fname, origin, cache_subdir="datasets", **options):
-        cached = Path(os.path.expanduser(file_utils.config.keras_home())) / cache_subdir / fname
-        if cached.is_file():
-            return str(cached)
-        if download and _reachable(origin):
-            return original(fname, origin, cache_subdir=cache_subdir, **options)
-        raise InputError(f"{cached}: the {name} ImageNet weights are not in Keras' cache and "
-                         f"{urllib.parse.urlparse(origin).hostname} cannot be reached from here; "
-                         f"fetch them where it can (a login node): python main_cil.py "
-                         f"--fetch-weights {name}, then copy {cached.parent} here if the "
-                         "folder is not shared")
-
-    file_utils.get_file = get_file
-    try:
-        yield
-    finally:
-        file_utils.get_file = original
-
-
 def backbone(name, weights="none", download=True):
-    """The encoder `name` without its classifier, for inputs of any size: random weights (none),
-    ImageNet's (imagenet, from the cache first), or those of a weights file (a path)."""
+    """The encoder `name` without its classifier, for inputs of any size, starting from the
+    weights weights_cil names: random (none), ImageNet's (imagenet, from Keras' cache first), a
+    package's (hed), or those of a weights file (a path)."""
     if name not in BACKBONES:
         raise ValueError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     constructor, _ = BACKBONES[name]
     with cached_weights_only(name, download):
         model = constructor(include_top=False, input_shape=(None, None, 3),
                             weights="imagenet" if weights == "imagenet" else None)
-    if weights not in ("imagenet", "none", None):
-        path = Path(weights)
-        if not path.is_file():
-            raise InputError(f"--encoder-weights {path}: file not found; pass imagenet, none or "
-                             "a weights file of this encoder")
-        try:
-            with warnings.catch_warnings():
-                # Keras skips parts that do not match with a warning; here that is a mismatch
-                warnings.simplefilter("error", UserWarning)
-                model.load_weights(path)
-        except Exception as error:  # shapes, layer counts, formats: all mean it does not fit
-            reason = (str(error).strip().splitlines() or [""])[0][:160]
-            raise InputError(f"--encoder-weights {path}: does not fit the {name} encoder "
-                             f"({type(error).__name__}: {reason}); pass weights saved from "
-                             f"a {name}") from None
+    if weights in PACKAGED:
+        load_packaged(model, weights)
+    elif weights not in ("imagenet", "none", None):
+        load_file(model, name, weights)
     if weights in ("none", None):
         _follow_batch_statistics(model)
     return model
@@ -376,3 +333,96 @@ def required_multiple(model):
 def encoder_layer(model):
     """The pretrained encoder inside a model, or None."""
     return next((layer for layer in model.layers if layer.name == "encoder"), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+@contextlib.contextmanager
+def standard_layers(model):
+    """While inside, the model's fused batch norms are Keras' own BatchNormalization, whose
+    variables and configuration they share: a file saved then names Keras classes only and
+    loads with plain `keras.models.load_model`, without this code (fuse_batch_norms undoes it
+    after loading)."""
+    fused = [layer for layer in model.layers if type(layer) is FusedBatchNormalization]
+    for layer in fused:
+        layer.__class__ = layers.BatchNormalization
+    try:
+        yield
+    finally:
+        for layer in fused:
+            layer.__class__ = FusedBatchNormalization
+
+
+@contextlib.contextmanager
+def without_training_state(model):
+    """While inside, the model counts as not compiled and has no optimizer: a file saved then
+    holds the network alone (a third of a checkpoint's size with Adam), and loading it needs
+    neither the tool's losses nor its optimizers."""
+    compiled, optimizer = model.compiled, getattr(model, "optimizer", None)
+    model.compiled = False
+    object.__setattr__(model, "optimizer", None)     # untracked: the model keeps its own
+    try:
+        yield
+    finally:
+        model.compiled = compiled
+        object.__setattr__(model, "optimizer", optimizer)
+
+
+def save_model(model, path, *, training_state):
+    """`model` as a .keras file of Keras layers only; with its optimizer, loss and metrics
+    (`training_state`, what --resume continues) or the network alone (what predicts)."""
+    with standard_layers(model), (contextlib.nullcontext() if training_state
+                                   else without_training_state(model)):
+        model.save(path)
+
+
+def fuse_batch_norms(model):
+    """The model's own batch norms (not those inside a keras.applications encoder) computed by
+    the fused kernel again, as when it was built; returns the model."""
+    for layer in model.layers:
+        if type(layer) is layers.BatchNormalization and layer.axis in (-1, 3, [-1], [3]):
+            layer.__class__ = FusedBatchNormalization
+    return model
+
+
+def load_model(path):
+    """A .keras file of this tool (checkpoint or model alone) as it was saved, whichever
+    modules were imported before."""
+    for module in REGISTERING_MODULES:
+        importlib.import_module(module)
+    return fuse_batch_norms(keras.models.load_model(path))
+
+
+def load_saved_model(path, classes=None):
+    """A segmentation model saved by this tool, or InputError naming the file and the fix:
+    RGB images in, one map of probabilities per class out (`classes`, when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .keras model file (those are zip archives); pass a "
+                         "best.keras from a run folder")
+    try:
+        model = load_model(path)
+    except Exception as error:  # a zip that is no model, a model of another tool, ...
+        raise InputError(f"{path}: not a model saved by this tool ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]}); pass a best.keras from a run "
+                         "folder") from error
+    if len(model.input_shape) != 4 or len(model.output_shape) != 4:
+        raise InputError(f"{path}: maps {model.input_shape} to {model.output_shape}, not images to "
+                         "masks; pass a segmentation model (a best.keras of this tool)")
+    if model.input_shape[-1] != 3:
+        raise InputError(f"{path}: the model expects {model.input_shape[-1]}-channel images but "
+                         "this tool feeds RGB (3 channels); train a model on these images instead")
+    if classes is not None and model.output_shape[-1] != classes:
+        raise InputError(f"{path}: the model predicts {model.output_shape[-1]} class map(s), not "
+                         f"{classes} (--classes {classes}); drop --classes or pass the matching "
+                         "model")
+    return model
+
+
+def model_classes(model):
+    """--classes of a model: 1 for one sigmoid map, else the number of softmax maps."""
+    return model.output_shape[-1]

@@ -9,11 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import click
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -264,43 +262,6 @@ def contact_sheet(images, labels, classes, palette=None):
     width = max(row.shape[1] for row in rows)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
     return np.concatenate(rows, axis=0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saved models
-
-
-def load_saved_model(path, classes=None):
-    """A segmentation model saved by this tool, or InputError naming the file and the fix:
-    RGB images in, one map of probabilities per class out (`classes`, when given)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: weights file not found")
-    if not zipfile.is_zipfile(path):
-        raise InputError(f"{path}: not a .keras model file (those are zip archives); pass a "
-                         "best.keras from a run folder")
-    try:
-        model = keras.models.load_model(path)
-    except Exception as error:  # a zip that is no model, a model of another tool, ...
-        raise InputError(f"{path}: not a model saved by this tool ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0][:200]}); pass a best.keras from a run "
-                         "folder") from error
-    if len(model.input_shape) != 4 or len(model.output_shape) != 4:
-        raise InputError(f"{path}: maps {model.input_shape} to {model.output_shape}, not images to "
-                         "masks; pass a segmentation model (a best.keras of this tool)")
-    if model.input_shape[-1] != 3:
-        raise InputError(f"{path}: the model expects {model.input_shape[-1]}-channel images but "
-                         "this tool feeds RGB (3 channels); train a model on these images instead")
-    if classes is not None and model.output_shape[-1] != classes:
-        raise InputError(f"{path}: the model predicts {model.output_shape[-1]} class map(s), not "
-                         f"{classes} (--classes {classes}); drop --classes or pass the matching "
-                         "model")
-    return model
-
-
-def model_classes(model):
-    """--classes of a model: 1 for one sigmoid map, else the number of softmax maps."""
-    return model.output_shape[-1]
 
 
 # ---------------------------------------------------------------------------------------------

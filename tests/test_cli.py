@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import main_cil
 from data_cil import read_image
-from predict_cil import load_saved_model, predict_probabilities
+from model_cil import load_saved_model
+from runs_cil import OWNER_FILE
+from predict_cil import predict_probabilities
 from tests.conftest import TINY, cli, make_pair, predicted_alone
 
 pytestmark = pytest.mark.slow      # each test trains a model end to end
@@ -27,7 +30,8 @@ def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, ro
     split = json.loads((run / "split.json").read_text())
     assert len(split["train"]) == 6 and len(split["valid"]) == 2
     assert not set(split["train"]) & set(split["valid"])
-    outputs = sorted(p.name for p in Path("data/valid/output/t1").iterdir())
+    outputs = sorted(p.name for p in Path("data/valid/output/t1").iterdir()
+                     if not p.name.startswith("."))
     assert len(outputs) == 6 and all(p.endswith(("_prob.png", "_mask.png", "_overlay.png"))
                                      for p in outputs)
     assert "patch F1 (Kaggle)" in result.output and "never used to choose a model" in result.output
@@ -64,7 +68,8 @@ def test_submit_writes_masks_and_csv_and_weights_reproduce_them(workdir, road_di
     result = cli("--data-dir", road_dir, *TINY, "--submit", "--run-name", "sub")
     assert result.exit_code == 0, result.output
     folder = Path("data/roadseg/submit_output/sub")
-    assert sorted(p.name for p in folder.iterdir()) == ["submission.csv", "test_1.png",
+    assert sorted(p.name for p in folder.iterdir() if p.name != OWNER_FILE) == [
+        "submission.csv", "test_1.png",
                                                         "test_2.png"]
     lines = (folder / "submission.csv").read_text().splitlines()
     assert lines[0] == "id,prediction" and len(lines) == 1 + 2 * 16       # 64x64: 4x4 patches
@@ -121,12 +126,30 @@ def test_three_classes_train_end_to_end_with_a_per_class_table(workdir, tmp_path
     assert json.loads(Path("logs/c3/metrics.json").read_text())["monitor"] == "val_mean_iou"
 
 
-def test_amp_on_the_cpu_says_so_and_trains_in_float32(workdir, road_dir):
+@pytest.fixture
+def float32_after():
+    """The global precision policy back to float32 after a test that trains with --amp."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("bfloat16", [True, False], ids=["bf16 CPU", "older CPU"])
+def test_amp_on_the_cpu_trains_in_bfloat16_where_the_cpu_has_it(workdir, road_dir, monkeypatch,
+                                                                float32_after, bfloat16):
+    monkeypatch.setattr(main_cil, "cpu_has_bfloat16", lambda: bfloat16)
     result = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--amp", "--run-name", "amp")
     assert result.exit_code == 0, result.output
-    assert "--amp ignored on the CPU" in result.output
-    assert keras.mixed_precision.global_policy().name == "float32"
-    assert all(w.dtype == "float32" for w in keras.models.load_model("logs/amp/best.keras").weights)
+    if bfloat16:
+        assert "precision: mixed_bfloat16 (--amp)" in result.output
+    else:
+        assert "note: --amp ignored: this CPU has no bfloat16 instructions" in result.output
+    assert keras.mixed_precision.global_policy().name == ("mixed_bfloat16" if bfloat16
+                                                          else "float32")
+    model = keras.models.load_model("logs/amp/best.keras")
+    assert all(w.dtype == "float32" for w in model.weights)     # variables stay float32
+    assert model.get_layer("probabilities").dtype_policy.compute_dtype == "float32"
+    again = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--run-name", "plain")
+    assert again.exit_code == 0 and keras.mixed_precision.global_policy().name == "float32"
 
 
 def test_the_demo_generates_data_learns_and_exports_a_model_that_runs_alone(workdir,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import model_cil
+import weights_cil
 from model_cil import (BACKBONES, backbone, build_model, encoder_layer, feature_indices,
                        required_multiple)
 from predict_cil import predict_probabilities, predict_tiled, tile_window
@@ -113,7 +113,7 @@ def test_missing_or_mismatched_encoder_weights_are_one_line(workdir, road_dir, m
                                                            args, message):
     from keras.src.backend import config
     monkeypatch.setattr(config, "keras_home", lambda: str(workdir / "keras_home"))
-    monkeypatch.setattr(model_cil, "_reachable", lambda url: False)     # no network here
+    monkeypatch.setattr(weights_cil, "_reachable", lambda url: False)     # no network here
     keras.applications.VGG16(include_top=False, weights=None).save_weights("vgg.weights.h5")
     result = cli("--data-dir", road_dir, *TINY, "--encoder", SMALL, "--depth", "4", *args)
     assert result.exit_code == 2, result.output
@@ -128,7 +128,7 @@ def test_missing_or_mismatched_encoder_weights_are_one_line(workdir, road_dir, m
 def test_fetching_weights_without_network_says_where_to_do_it(workdir, monkeypatch):
     from keras.src.backend import config
     monkeypatch.setattr(config, "keras_home", lambda: str(workdir / "keras_home"))
-    monkeypatch.setattr(model_cil, "_reachable", lambda url: False)
+    monkeypatch.setattr(weights_cil, "_reachable", lambda url: False)
     result = cli("--fetch-weights", "vgg16")
     assert result.exit_code == 2
     assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5: the vgg16 ImageNet weights are " \
@@ -143,7 +143,7 @@ def test_weights_already_in_the_cache_are_used_offline(tmp_path, monkeypatch):
     from keras.src.backend import config
     from keras.src.legacy.saving import legacy_h5_format
     monkeypatch.setattr(config, "keras_home", lambda: str(tmp_path))
-    monkeypatch.setattr(model_cil, "_reachable", lambda url: False)
+    monkeypatch.setattr(weights_cil, "_reachable", lambda url: False)
     with pytest.raises(Exception) as missing:
         backbone(SMALL, "imagenet")
     cached = Path(str(missing.value).split(": ")[0])

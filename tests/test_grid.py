@@ -182,7 +182,8 @@ def test_no_value_or_file_name_reaches_lsfs_shell(tmp_path, monkeypatch):
     word = calls[0]["argv"][-1]
     parsed = subprocess.run(["sh", "-c", f"set -- {word}; printf '%s\\0' \"$@\""], cwd=tmp_path,
                             capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
-    folder = next(path for path in (hostile / "jobs/g").iterdir() if path.name != "scheduler")
+    folder = next(path for path in (hostile / "jobs/g").iterdir()
+                  if path.name != "scheduler" and not path.name.startswith("."))
     assert parsed == ["exec", *job_command(folder)]
     assert not list(tmp_path.glob("INJECTED*")) and not list(Path.cwd().glob("INJECTED*"))
     assert json.loads((folder / "job.json").read_text())["args"][0] == f"--data-dir={value}"

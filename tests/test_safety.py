@@ -20,7 +20,7 @@ import mask_to_submission as m2s
 from data_cil import InputError, image_number, write_atomically
 from main_cil import main
 from predict_cil import write_test_predictions
-from runs_cil import close_run, host_name, open_run
+from runs_cil import OWNER_FILE, close_run, host_name, open_run, own_folder
 from tests.conftest import REPO, TINY, cli, make_pair, resolved, rgb, save
 
 
@@ -48,11 +48,11 @@ def test_a_run_name_is_one_safe_folder_name_checked_before_anything(workdir, roa
 
 
 def make_run(logs, name, valid, submit):
-    (logs / name).mkdir(parents=True)
+    """A finished run's three folders, made as the tool makes them."""
+    for folder in (logs / name, valid / name, submit / name):
+        own_folder(folder, "test run")
     (logs / name / "config.json").write_text('{"settings": {}}')
-    (valid / name).mkdir(parents=True)
     (valid / name / "a_mask.png").write_bytes(b"png")
-    (submit / name).mkdir(parents=True)
     (submit / name / "submission.csv").write_text("id,prediction\n")
 
 
@@ -65,13 +65,61 @@ def test_force_moves_the_earlier_run_and_its_outputs_aside(tmp_path):
     assert sorted(folder.parent for folder in moved) == sorted(
         [logs / ".trash", valid / ".trash", submit / ".trash"])
     assert (moved[-1] / "config.json").is_file()          # kept, not deleted
-    assert [p.name for p in run.folder.iterdir()] == ["lock"]
-    assert not any(run.valid_dir.iterdir()) and not any(run.submit_dir.iterdir())
+    assert sorted(p.name for p in run.folder.iterdir()) == [OWNER_FILE, "lock"]
+    assert [p.name for p in run.valid_dir.iterdir()] == [OWNER_FILE]
+    assert [p.name for p in run.submit_dir.iterdir()] == [OWNER_FILE]
     close_run(run)
     assert not (run.folder / "lock").exists()
 
 
+def checkout(root):
+    """A project checkout as a user has one: code, .git and a dataset in data/."""
+    (root / ".git").mkdir(parents=True)
+    (root / ".git/HEAD").write_text("ref: refs/heads/main\n")
+    (root / "main_cil.py").write_text("# the tool\n")
+    save(root / "data/roadseg/training/images/satImage_001.png", rgb(16))
+    return root
+
+
+@pytest.mark.parametrize("args", [
+    ["--logs-dir", ".", "--run-name", "data"],
+    ["--logs-dir", ".", "--run-name", "data", "--force"],
+    ["--logs-dir", "..", "--run-name", "project", "--force"],
+    ["--logs-dir", "data", "--run-name", "roadseg", "--force"],
+    ["--valid-output-dir", ".", "--run-name", "data", "--force"],
+    ["--submit-output-dir", "..", "--run-name", "project", "--force"],
+], ids=" ".join)
+def test_a_folder_the_tool_did_not_make_is_never_written_into_or_moved(tmp_path, monkeypatch,
+                                                                       road_dir, args):
+    project = checkout(tmp_path / "project")
+    monkeypatch.chdir(project)
+    before = tree(tmp_path)
+    result = cli("--data-dir", road_dir, *TINY, *args)
+    assert result.exit_code == 2, result.output
+    assert "exists and was not made by this tool (no .cil-owner)" in result.output
+    assert tree(tmp_path) == before
+
+
+def test_force_never_moves_a_run_while_a_run_inside_it_is_held(tmp_path):
+    """--force on a cross-validated run while one of its folds trains in another process."""
+    logs, valid, submit = tmp_path / "logs", tmp_path / "valid", tmp_path / "submit"
+    make_run(logs, "cv", valid, submit)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, logs / "cv", valid / "cv",
+                               submit / "cv"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"        # its fold "r" trains
+        before = tree(tmp_path)
+        with pytest.raises(InputError, match=f"cv/r: in use by process {holder.pid} on .*"
+                                             "cv is not moved while it runs"):
+            open_run(logs, "cv", valid, submit, force=True)
+        assert tree(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_filled_submission_folder_is_refused_before_training(workdir, road_dir):
+    own_folder(workdir / "data/roadseg/submit_output/s", "submission folder")
     save(workdir / "data/roadseg/submit_output/s/test_1.png", rgb(16))
     result = cli("--data-dir", road_dir, *TINY, "--submit", "--run-name", "s")
     assert result.exit_code == 2
@@ -160,7 +208,8 @@ def test_a_newline_in_a_grid_value_stays_one_argument_and_the_run_stays_in_its_f
 def test_a_local_job_that_runs_is_skipped_by_a_second_grid_call(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1]}))
     folder = tmp_path / "jobs/g/lr-0.1"
-    folder.mkdir(parents=True)
+    own_folder(folder.parent, "grid folder")
+    own_folder(folder, "job folder")
     runner = subprocess.Popen(["sleep", "60"])
     try:
         (folder / "submitted.json").write_text(json.dumps(dict(
@@ -168,7 +217,7 @@ def test_a_local_job_that_runs_is_skipped_by_a_second_grid_call(tmp_path):
         result = CliRunner().invoke(grid_cil.main, [str(tmp_path / "g.json"), "--jobs-dir",
                                                     str(tmp_path / "jobs")])
         assert "lr-0.1: running, skipped" in result.output
-        assert sorted(p.name for p in folder.iterdir()) == ["submitted.json"]
+        assert sorted(p.name for p in folder.iterdir()) == [OWNER_FILE, "submitted.json"]
     finally:
         runner.kill()
         runner.wait()

@@ -12,7 +12,7 @@ import settings_cil
 from data_cil import InputError
 from settings_cil import (CONFIG_EXCLUDED, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES,
                           RESUME_OVERRIDES, Settings, learned_names)
-from tests.conftest import REPO, cli, resolved
+from tests.conftest import REPO, checkpoint_state, cli, resolved
 
 
 def test_precedence_command_line_environment_config_recipe_default(workdir, monkeypatch):
@@ -76,9 +76,7 @@ def saved_run(folder, **changes):
     record = settings_cil.config_record(Settings(settings, {}), folder.name)
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(record))
-    (folder / "checkpoint").mkdir()
-    (folder / "checkpoint/state.json").write_text(json.dumps({"epoch": 1, "step": 0,
-                                                              "file": "m.keras"}))
+    checkpoint_state(folder)
     return folder
 
 

@@ -19,7 +19,7 @@ from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
 from main_cil import main
 from model_cil import build_unet
 from settings_cil import AUG_NEUTRAL, NO_PERTURBATION, resolve_aug
-from tests.conftest import TINY, cli, resolved
+from tests.conftest import TINY, checkpoint_state, cli, resolved
 from train_cil import RunCheckpoint, learning_rate, make_optimizer, run_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,9 +225,9 @@ def test_cosine_and_plateau_schedules():
 
 def test_resume_keeps_the_runs_own_folder_for_every_later_hint(workdir, tmp_path):
     run_dir = tmp_path / "elsewhere/r"
-    (run_dir / "checkpoint").mkdir(parents=True)
+    run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(
         {**resolved(), "data_dir": "x", "palette": None, "run_name": "r"}, default=str))
-    (run_dir / "checkpoint/state.json").write_text(json.dumps({"epoch": 1}))
+    checkpoint_state(run_dir)
     settings = resolved("--resume", run_dir)
     assert Path(settings["logs_dir"]) / settings["run_name"] == run_dir
