@@ -37,12 +37,13 @@ from pathlib import Path
 
 import click
 
+from cli_cil import one_line_errors
 from data_cil import InputError, write_json, write_json_once
-from runs_cil import (FOLD_PREFIX, RUN_NAME, check_run_name, fold_folder, host_name,
-                      lock_owner, path, process_alive, read_exit_code, read_json, read_metrics,
-                      own_folder, read_state, set_aside)
-from settings_cil import (CONTEXT, OPTIONS, flag_word, option_for, resolve_settings,
-                          typed_value)
+from runs_cil import (FILES, FOLD_PREFIX, OWNER_FILE, RUN_NAME, STOP_SIGNALS, check_run_name,
+                      fold_folder, host_name, lock_owner, own_folder, path, process_alive,
+                      read_exit_code, read_json, read_metrics, read_state, set_aside)
+from settings_cil import (CONTEXT, OPTIONS, flag_word, monitored_metrics, option_for,
+                          resolve_settings, typed_value)
 
 REPO = Path(__file__).resolve().parent
 JOBS_DIR = Path("jobs")
@@ -59,19 +60,23 @@ RESOURCES = dict(            # grid.json "resources" key: default, meaning
     partition=(None, "SLURM --partition, LSF -q (queue)"),
     account=(None, "SLURM --account, LSF -P (project)"),
     qos=(None, "SLURM --qos (LSF has none)"),
+    stop_warning=(5, "minutes before the time limit at which the job is asked to checkpoint and "
+                     "stop (LSF -wa USR2 -wt, SLURM --signal=B:TERM@)"),
 )
 GPU_CLAUSES = {"lsf": ("rusage", "gpu"), "slurm": ("gres", "gpus")}
 # Environment variables of the single-run scripts (cluster/*.sh) -> resources
 RESOURCE_VARIABLES = dict(cores="CORES", mem_per_core="MEM_PER_CORE", walltime="WALLTIME",
                           gpu_clause="GPU_CLAUSE", partition="PARTITION", account="ACCOUNT",
-                          qos="QOS")
+                          qos="QOS", stop_warning="STOP_WARNING")
+WHOLE_RESOURCES = ("cores", "mem_per_core", "stop_warning")
 WALLTIME = re.compile(r"(?:(\d+):([0-5]\d)|(\d+))")        # H:MM or minutes
 JOB_ID_LENGTH = 80           # longer ids, or ids with other characters, end in a hash instead
 DEFAULT_METRIC = "patch_f1"
 SUBMITTED = "submitted.json"
+JOB_FIX = "submit the job again (run the grid again, or the cluster script)"
+SUBMITTED_FIX = "delete it; the grid then counts the job as not submitted and runs it again"
 ARRAYS_DIR = "arrays"        # SLURM: one immutable task list per submitted array
 SCHEDULER_OUTPUT = "scheduler"   # SLURM's and LSF's own output, per job
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)    # forwarded to main_cil.py, which saves
 
 
 class GridError(Exception):
@@ -92,11 +97,14 @@ def check_resources(resources, where):
         raise GridError(f"{where}: resources {', '.join(sorted(unknown))} unknown; use "
                         f"{', '.join(RESOURCES)}")
     resolved = {key: resources.get(key, default) for key, (default, _) in RESOURCES.items()}
-    for key in ("cores", "mem_per_core"):
-        if not (isinstance(resolved[key], int) and resolved[key] >= 1):
-            raise GridError(f"{where}: resources {key} {resolved[key]!r}: expected a whole "
-                            "number from 1")
-    walltime_parts(resolved["walltime"], where)
+    for key in WHOLE_RESOURCES:
+        value = resolved[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise GridError(f"{where}: resources {key} {value!r}: expected a whole number from 1")
+    hours, minutes = walltime_parts(resolved["walltime"], where)
+    if resolved["stop_warning"] >= hours * 60 + minutes:
+        raise GridError(f"{where}: resources stop_warning {resolved['stop_warning']} (minutes) "
+                        f"must be shorter than the walltime {resolved['walltime']}")
     for key in ("partition", "account", "qos", "gpu_clause"):
         value = resolved[key]
         if value is not None and not (isinstance(value, str) and RUN_NAME.fullmatch(value)):
@@ -108,12 +116,14 @@ def check_resources(resources, where):
 def walltime_parts(value, where="walltime"):
     """(hours, minutes) of a walltime given as "H:MM" or as minutes."""
     match = WALLTIME.fullmatch(str(value))
-    if not match or isinstance(value, bool):
-        raise GridError(f"{where}: walltime {value!r}: use H:MM (hours:minutes, e.g. 4:00) or "
-                        "whole minutes (e.g. 90), the same for LSF and SLURM")
-    if match.group(3) is not None:
-        return divmod(int(match.group(3)), 60)
-    return int(match.group(1)), int(match.group(2))
+    if match and not isinstance(value, bool):
+        hours, minutes = (divmod(int(match.group(3)), 60) if match.group(3) is not None
+                          else (int(match.group(1)), int(match.group(2))))
+        if hours or minutes:
+            return hours, minutes
+    raise GridError(f"{where}: walltime {value!r}: use H:MM (hours:minutes, e.g. 4:00) or "
+                    "whole minutes (e.g. 90), above 0 (SLURM reads 0 as no limit), the same "
+                    "for LSF and SLURM")
 
 
 def load_grid(path_given):
@@ -246,7 +256,7 @@ def scheduler_state(submitted):
     """pending, running, or None once the scheduler no longer runs the job (or cannot be asked
     from here: then "submitted")."""
     scheduler, job = submitted.get("scheduler"), submitted.get("job_id")
-    if scheduler == "local" or job is None:
+    if scheduler in ("local", "here") or job is None:    # run by a process of this host
         return "running" if process_alive(submitted) else None
     if not shutil.which({"slurm": "squeue", "lsf": "bjobs"}[scheduler]):
         return "submitted"
@@ -268,15 +278,23 @@ def scheduler_state(submitted):
 
 
 def job_status(folder):
-    """finished, failed (exit N), pending, running, submitted (no scheduler to ask here),
-    lost (the scheduler no longer runs it, and it left no exit code), or new."""
+    """pending or running (the queue's answer comes first: a requeued job may still hold its
+    earlier exit code), finished, failed (exit N), submitted (no scheduler to ask here), lost
+    (the scheduler no longer runs it, and it left no exit code), or not submitted."""
+    submitted = read_json(Path(folder) / SUBMITTED, SUBMITTED_FIX)
+    queued = scheduler_state(submitted) if submitted and submitted.get("job_id") else None
+    if queued in ("pending", "running"):
+        return queued
     code = read_exit_code(folder)
     if code is not None:
         return "finished" if code == 0 else f"failed (exit {code})"
-    submitted = read_json(Path(folder) / SUBMITTED)
-    if submitted is not None:
-        return scheduler_state(submitted) or "lost"
-    return "running" if lock_owner(folder) else "new"
+    if queued:
+        return queued                                      # submitted: cannot ask from here
+    if submitted and submitted.get("job_id"):
+        return "lost"
+    if lock_owner(folder) or (submitted and process_alive(submitted)):
+        return "running"                                   # or being submitted right now
+    return "not submitted"
 
 
 def claim(folder, scheduler):
@@ -292,16 +310,25 @@ def record_submission(folder, scheduler, identifier):
     write_json(Path(folder) / SUBMITTED, dict(record, scheduler=scheduler, job_id=identifier))
 
 
-def prepare(folder, words, run_outputs, placement):
-    """Make `folder` ready to (re)start: a failed or lost job with a checkpoint keeps its run
-    (the job resumes it), any other earlier attempt is moved aside; returns what it does.
-    `placement` (logs_dir, run_name) is where main_cil.py puts the run: the folder itself, or
-    for a fold, the cross-validated run it belongs to."""
-    status = job_status(folder) if folder.exists() else "new"
+def next_action(folder):
+    """What a run of the grid does with the job in `folder`: None (finished, or in the queue),
+    "resume" (a failed or lost job with a checkpoint) or "start"; it changes nothing."""
+    status = job_status(folder) if folder.exists() else "not submitted"
     if status in ("finished", "pending", "running", "submitted"):
         return None
-    resumable = read_state(folder) is not None
-    if folder.exists() and not resumable and any(folder.iterdir()):
+    return "resume" if read_state(folder) is not None else "start"
+
+
+def prepare(folder, words, run_outputs, placement):
+    """Make `folder` ready to (re)start and return next_action's answer: a job with a
+    checkpoint keeps its run (the job resumes it), any other earlier attempt is moved aside.
+    `placement` (logs_dir, run_name) is where main_cil.py puts the run: the folder itself, or
+    for a fold, the cross-validated run it belongs to."""
+    action = next_action(folder)
+    if action is None:
+        return None
+    if action == "start" and folder.exists() and any(
+            item.name not in (OWNER_FILE, FILES["job"]) for item in folder.iterdir()):
         for moved in (folder, *run_outputs):
             if moved.exists():
                 set_aside(moved)
@@ -312,7 +339,12 @@ def prepare(folder, words, run_outputs, placement):
         stale.unlink(missing_ok=True)          # the scheduler says it no longer runs
     write_json(path(folder, "job"), dict(args=list(words), logs_dir=str(logs_dir), run_name=name,
                                          cwd=str(Path.cwd())))
-    return "resume" if resumable else "start"
+    return action
+
+
+def withdraw(folder):
+    """After a scheduler refused the job: its claim removed, so it counts as not submitted."""
+    (Path(folder) / SUBMITTED).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +366,7 @@ def shell_command(words):
 def lsf_submission(folder, job_name, resources, gpus):
     hours, minutes = walltime_parts(resources["walltime"])
     words = ["bsub", "-J", job_name, "-n", str(resources["cores"]), "-W", f"{hours}:{minutes:02d}",
-             "-R", "span[hosts=1]"]
+             "-wa", "USR2", "-wt", str(resources["stop_warning"]), "-R", "span[hosts=1]"]
     rusage = f"mem={resources['mem_per_core']}"
     clause = resources["gpu_clause"] or "rusage"
     if clause not in GPU_CLAUSES["lsf"]:
@@ -358,7 +390,9 @@ def lsf_submission(folder, job_name, resources, gpus):
 def slurm_resources(resources, gpus):
     hours, minutes = walltime_parts(resources["walltime"])
     words = [f"--cpus-per-task={resources['cores']}", f"--mem-per-cpu={resources['mem_per_core']}",
-             f"--time={hours}:{minutes:02d}:00"]
+             f"--time={hours}:{minutes:02d}:00",
+             # B: to the batch shell, which exec made the job runner; it forwards the signal
+             f"--signal=B:TERM@{resources['stop_warning'] * 60}"]
     clause = resources["gpu_clause"] or "gres"
     if clause not in GPU_CLAUSES["slurm"]:
         raise GridError(f"resources gpu_clause {clause!r}: SLURM takes gres or gpus")
@@ -387,7 +421,11 @@ def submit_lsf(folder, job_name, resources, gpus, dry_run):
     if dry_run:
         return shlex.join(command)
     (Path(folder) / SCHEDULER_OUTPUT).mkdir(exist_ok=True)
-    answer = submit(command, folder.name)
+    try:
+        answer = submit(command, folder.name)
+    except GridError:
+        withdraw(folder)
+        raise
     match = LSF_JOB_ID.search(answer)
     record_submission(folder, "lsf", match.group(1) if match else None)
     return answer
@@ -413,6 +451,8 @@ def submit_slurm_array(grid_dir, folders, job_name, resources, gpus, dry_run):
         answer = submit(command, f"the array of {len(folders)} job(s)")
     except GridError:
         listing.unlink()
+        for folder in folders:
+            withdraw(folder)
         raise
     array_id = answer.split(";")[0]
     for index, folder in enumerate(folders):
@@ -442,7 +482,11 @@ def submit_slurm_single(folder, job_name, resources, gpus, dry_run):
                f"--chdir={REPO}", "--export=ALL", f"--wrap={shell_command(job_command(folder))}"]
     if dry_run:
         return shlex.join(command)
-    answer = submit(command, folder.name)
+    try:
+        answer = submit(command, folder.name)
+    except GridError:
+        withdraw(folder)
+        raise
     record_submission(folder, "slurm", answer.split(";")[0])
     return f"job {answer.split(';')[0]}"
 
@@ -458,22 +502,24 @@ def _scheduler_available(scheduler, dry_run):
 
 
 def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_DIR):
+    """Run or submit the grid's jobs that are not finished or queued; returns the number of
+    local jobs that failed. A dry run prints what would run and creates nothing."""
     name, varied, fixed, resources = load_grid(grid_file)
     jobs = expand(name, varied, fixed)
     _scheduler_available(scheduler, dry_run)
     grid_dir = Path(jobs_dir) / name
-    own_folder(grid_dir, "grid folder", "rename the grid file or pass another --jobs-dir")
-    write_json(grid_dir / "grid.json", json.loads(Path(grid_file).read_text()))
+    if not dry_run:
+        own_folder(grid_dir, "grid folder", "rename the grid file or pass another --jobs-dir")
+        write_json(grid_dir / "grid.json", json.loads(Path(grid_file).read_text()))
     outputs = ["--valid-output-dir", str(grid_dir / "valid_output"),
                "--submit-output-dir", str(grid_dir / "submit_output")]
     todo = []
     for identity, combination, words in jobs:
         folder = grid_dir / identity
         placement = (grid_dir, identity.split("/")[0])
-        action = prepare(folder, [*words, *outputs],
-                         [grid_dir / "valid_output" / identity,
-                          grid_dir / "submit_output" / identity],
-                         placement) if not dry_run else "start"
+        action = next_action(folder) if dry_run else prepare(
+            folder, [*words, *outputs], [grid_dir / "valid_output" / identity,
+                                         grid_dir / "submit_output" / identity], placement)
         if action is None:
             click.echo(f"{identity}: {job_status(folder)}, skipped")
             continue
@@ -484,38 +530,42 @@ def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_D
         todo.append((folder, gpus, action, identity))
     if not todo:
         click.echo(f"{grid_dir}: nothing to run")
-        return grid_dir
+        return 0
     if scheduler == "local":
-        _run_locally(todo, dry_run, parallel)
-    elif scheduler == "lsf":
+        return _run_locally(todo, dry_run, parallel)
+    if scheduler == "lsf":
         for folder, gpus, action, identity in todo:
             answer = submit_lsf(folder, f"{name}/{identity}", resources, gpus, dry_run)
             click.echo(f"{identity} ({action}): {answer}" if not dry_run else answer)
-    else:
-        for gpus in sorted({job[1] for job in todo}):
-            group = [job for job in todo if job[1] == gpus]
-            answer = submit_slurm_array(grid_dir, [job[0] for job in group], name, resources,
-                                        gpus, dry_run)
-            click.echo(answer if dry_run else f"{answer} with {gpus} GPU(s): "
-                       f"{', '.join(job[3] for job in group)}")
-    return grid_dir
+        return 0
+    for gpus in sorted({job[1] for job in todo}):
+        group = [job for job in todo if job[1] == gpus]
+        answer = submit_slurm_array(grid_dir, [job[0] for job in group], name, resources, gpus,
+                                    dry_run)
+        click.echo(answer if dry_run else f"{answer} with {gpus} GPU(s): "
+                   f"{', '.join(job[3] for job in group)}")
+    return 0
 
 
 def _run_locally(todo, dry_run, parallel):
+    """The jobs run here, `parallel` at a time; returns how many failed."""
     if dry_run:
-        for folder, *_ in todo:
-            click.echo(shlex.join(job_command(folder)))
-        return
+        for folder, _, action, identity in todo:
+            click.echo(f"{identity} ({action}): {shlex.join(job_command(folder))}")
+        return 0
 
     def one(job):
         folder = job[0]
         record_submission(folder, "local", "local")
         return subprocess.run(job_command(folder)).returncode
 
+    failed = 0
     with ThreadPoolExecutor(parallel) as pool:
         for (_, _, action, identity), code in zip(todo, pool.map(one, todo)):
             click.echo(f"{identity} ({action}): "
                        f"{'finished' if code == 0 else f'failed (exit {code})'}")
+            failed += code != 0
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +575,7 @@ def _run_locally(todo, dry_run, parallel):
 def job_run_words(folder, job):
     """main_cil.py's arguments for the job in `folder`: resume its checkpoint, or start it with
     its arguments, its run placed as job.json says (these words come last and win)."""
-    if read_state(folder) is not None:
+    if job.get("resume") or read_state(folder) is not None:
         return [f"--resume={folder}"]
     return [*job["args"], f"--logs-dir={job['logs_dir']}", f"--run-name={job['run_name']}"]
 
@@ -536,9 +586,13 @@ def run_job(folder):
     stderr; forward a stop signal and wait for it to save, then record the exit code. Returns
     the exit code."""
     folder = Path(folder).resolve()
-    job = read_json(path(folder, "job"))
+    job = read_json(path(folder, "job"), JOB_FIX)
     if job is None:
         raise GridError(f"{folder}: no {path(folder, 'job').name}; is it a job folder?")
+    if not (isinstance(job.get("args"), list) and all(isinstance(job.get(key), str)
+                                                      for key in ("logs_dir", "run_name", "cwd"))):
+        raise GridError(f"{path(folder, 'job')}: damaged (args, logs_dir, run_name, cwd not as "
+                        f"the tool writes them); {JOB_FIX}")
     path(folder, "exit_code").unlink(missing_ok=True)
     words = job_run_words(folder, job)
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -572,6 +626,10 @@ def summary_rows(grid_dir, metric=DEFAULT_METRIC):
     """(columns, rows) of every job of a grid, finished ones by `metric`, best first. A
     cross-validated job is ranked by the mean over its folds, with their spread (sd), and shows
     the out-of-fold value over all images; folds run as jobs of their own count as one row."""
+    known = sorted({*monitored_metrics(1), *monitored_metrics(2)})
+    if metric not in known:
+        raise GridError(f"--metric {metric}: not a metric the runs record; choose one of "
+                        f"{', '.join(known)}")
     _, varied, _, _ = load_grid(grid_dir / "grid.json")
     shown = [key for key in varied if key != "fold"]
     finished, others, seen = [], [], set()
@@ -581,19 +639,12 @@ def summary_rows(grid_dir, metric=DEFAULT_METRIC):
             continue
         seen.add(identity)
         folder = grid_dir / identity
-        metrics = read_metrics(folder)
         row = dict(job=identity, **{key: _plain(combination[key]) for key in shown})
-        cross = metrics.get("cross_validation")
-        if cross:
-            spread = cross["spread"].get(metric, {})
-            row.update(status="finished", **{metric: spread.get("mean"), "sd": spread.get("sd"),
-                                             "all_images": cross["oof"].get(metric)},
-                       f1=cross["oof"].get("f1"), best_epoch=cross["median_best_epoch"])
-        else:
-            row.update(status=_status(folder, varied), **{metric: metrics.get("valid", {}).get(
-                metric)}, f1=metrics.get("valid", {}).get("f1"),
-                best_epoch=metrics.get("best_epoch"), epochs=metrics.get("epochs_run"),
-                s_per_epoch=metrics.get("seconds_per_epoch"))
+        try:
+            row.update(_metric_cells(folder, varied, metric))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise GridError(f"{path(folder, 'metrics')}: damaged (not as the tool writes it); "
+                            f"python main_cil.py --resume {folder} writes it again") from None
         (finished if row["status"] == "finished" and row[metric] is not None
          else others).append(row)
     finished.sort(key=lambda row: row[metric], reverse=True)
@@ -602,6 +653,32 @@ def summary_rows(grid_dir, metric=DEFAULT_METRIC):
     columns = ["job", "status", *shown, *[c for c in (metric, *spread, "f1", "best_epoch",
                                                      "epochs", "s_per_epoch") if c not in shown]]
     return columns, rows
+
+
+def _metric_cells(folder, varied, metric):
+    """A job's status and result cells: a cross-validated job's fold mean and spread and its
+    out-of-fold value, another's validation values, training length and speed."""
+    metrics = read_metrics(folder)
+    cross = metrics.get("cross_validation")
+    if cross:
+        spread = cross["spread"].get(metric, {})
+        return dict(status="finished", **{metric: _number(spread.get("mean")),
+                                          "sd": _number(spread.get("sd")),
+                                          "all_images": _number(cross["oof"].get(metric))},
+                    f1=_number(cross["oof"].get("f1")), best_epoch=cross["median_best_epoch"])
+    valid = metrics.get("valid", {})
+    return dict(status=_status(folder, varied), **{metric: _number(valid.get(metric))},
+                f1=_number(valid.get("f1")), best_epoch=metrics.get("best_epoch"),
+                epochs=metrics.get("epochs_run"), s_per_epoch=metrics.get("seconds_per_epoch"))
+
+
+def _number(value):
+    """A recorded metric as a float, None when missing; ValueError when it is no number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(value)
+    return float(value)
 
 
 def _status(folder, varied):
@@ -654,11 +731,9 @@ def main():
 
 
 def _report(action):
-    try:
+    """Run `action`; a fault is one line and exit 2, an int it returns is the exit code."""
+    with one_line_errors(GridError):
         result = action()
-    except (GridError, InputError) as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
     if isinstance(result, int):
         sys.exit(result)
 
@@ -674,8 +749,14 @@ def _report(action):
               help="Where grid folders go.")
 def run_command(grid_file, scheduler, dry_run, parallel, jobs_dir):
     """Expand GRID_FILE into jobs and run or submit the ones not finished."""
-    _report(lambda: run_grid(grid_file, scheduler, dry_run=dry_run, parallel=parallel,
-                             jobs_dir=jobs_dir) and None)
+    def run_and_count():
+        failed = run_grid(grid_file, scheduler, dry_run=dry_run, parallel=parallel,
+                          jobs_dir=jobs_dir)
+        if failed:
+            click.echo(f"{failed} local job(s) failed; their stderr files say why", err=True)
+        return 1 if failed else None
+
+    _report(run_and_count)
 
 
 @main.command("summary")
@@ -687,48 +768,108 @@ def summary_command(grid_dir, metric):
     _report(lambda: click.echo(write_summary(grid_dir, metric)))
 
 
-def resources_from_environment(scheduler):
+def resources_from_environment():
     """Resources of a single run from the scripts' environment variables."""
     resources = {}
     for key, variable in RESOURCE_VARIABLES.items():
         value = os.environ.get(variable)
-        if value:
-            resources[key] = int(value) if key in ("cores", "mem_per_core") and value.isdigit() \
-                else value
+        if not value:
+            continue
+        if key in WHOLE_RESOURCES and not value.isdigit():
+            raise GridError(f"{variable}={value!r}: expected a whole number from 1")
+        resources[key] = int(value) if key in WHOLE_RESOURCES else value
     return check_resources(resources, "environment")
 
 
-def submit_single(scheduler, words, dry_run):
-    """Submit one main_cil.py run; its run folder (logs/<run>) holds the job's files."""
-    _scheduler_available(scheduler, dry_run)
+def gpus_from_environment():
+    """GPUS, the GPUs a single run's job reserves: a whole number, 0 when unset."""
+    value = os.environ.get("GPUS") or "0"
+    if not value.isdigit():
+        raise GridError(f"GPUS={value!r}: expected a whole number of GPUs (0 for none)")
+    return int(value)
+
+
+def single_run(words, scheduler):
+    """(run folder, job.json content, GPUs to reserve, resuming) of one main_cil.py run given by
+    `words`; checks only, nothing is created. A new run's folder must not exist; `--resume
+    <run>` submits that run again, continuing its checkpoint."""
     settings = checked_settings(words, "main_cil.py options")
-    resources = resources_from_environment(scheduler)
-    reserved = os.environ.get("GPUS")
-    gpus = settings.gpus if settings.gpus is not None else int(reserved or 0)
-    if reserved and settings.gpus is not None and settings.gpus != int(reserved):
+    reserved = gpus_from_environment()
+    gpus = settings.gpus if settings.gpus is not None else reserved
+    if reserved and settings.gpus is not None and settings.gpus != reserved:
         raise GridError(f"GPUS={reserved} reserves {reserved} GPU(s) but --gpus {settings.gpus} "
                         "trains on another number; make them agree")
+    if settings.resume:
+        folder = Path(settings.logs_dir) / settings.run_name
+        status = job_status(folder) if (folder / SUBMITTED).is_file() else None
+        if status in ("pending", "running", "submitted"):
+            raise GridError(f"{folder}: its job is {status}; wait for it, or cancel it first")
+        job = dict(args=[], resume=True, logs_dir=str(folder.parent), run_name=folder.name,
+                   cwd=str(Path.cwd()))
+        return folder, job, gpus, True
     name = settings.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{scheduler}"
     check_run_name(name)
     folder = Path(settings.logs_dir) / name
-    if folder.exists() and any(folder.iterdir()):
-        raise GridError(f"{folder}: exists; pass another --run-name (or resume it with "
-                        f"--resume {folder})")
+    if folder.exists():
+        raise GridError(f"{folder}: exists; pass another --run-name, or --resume {folder} to "
+                        "continue it")
     ctx = _main_command().make_context("main_cil.py", list(words))
     options = {option.name: ctx.params[option.name] for option in OPTIONS
                if ctx.get_parameter_source(option.name).name == "COMMANDLINE"
                and option.name not in ("run_name", "logs_dir")}
     if gpus and "gpus" not in options:
         options["gpus"] = gpus                 # train on what the job reserves
+    job = dict(args=job_words(options), logs_dir=str(folder.parent), run_name=name,
+               cwd=str(Path.cwd()))
+    return folder, job, gpus, False
+
+
+def reserve_single(folder, job, resuming, scheduler):
+    """The run folder made (or, resuming, reopened) for its job: job.json written, an earlier
+    attempt's exit code and claim removed, the claim of `scheduler` written."""
     own_folder(folder, "run folder")
-    write_json(path(folder, "job"), dict(args=job_words(options), logs_dir=str(folder.parent),
-                                         run_name=name, cwd=str(Path.cwd())))
+    for stale in (path(folder, "exit_code"), folder / SUBMITTED):
+        stale.unlink(missing_ok=True)
+    if not (resuming and path(folder, "job").is_file()):
+        write_json(path(folder, "job"), job)
+    elif not read_json(path(folder, "job"), JOB_FIX).get("resume"):
+        write_json(path(folder, "job"), dict(read_json(path(folder, "job"), JOB_FIX),
+                                             resume=True))
     claim(folder, scheduler)
-    if scheduler == "lsf":
-        answer = submit_lsf(folder, name, resources, gpus, dry_run)
-    else:
-        answer = submit_slurm_single(folder, name, resources, gpus, dry_run)
-    click.echo(answer if dry_run else f"{folder}: {answer}")
+
+
+def submit_single(scheduler, words, dry_run):
+    """Submit one main_cil.py run (or, with --resume, an earlier one again); its run folder
+    holds the job's files. A dry run, or a submission the scheduler refuses, leaves nothing
+    of a new run behind."""
+    _scheduler_available(scheduler, dry_run)
+    folder, job, gpus, resuming = single_run(words, scheduler)
+    resources = resources_from_environment()
+    name = folder.name
+    submitter = submit_lsf if scheduler == "lsf" else submit_slurm_single
+    if dry_run:
+        click.echo(submitter(folder, name, resources, gpus, dry_run=True))
+        return
+    reserve_single(folder, job, resuming, scheduler)
+    try:
+        answer = submitter(folder, name, resources, gpus, dry_run=False)
+    except GridError:
+        if not resuming:
+            shutil.rmtree(folder)      # made by this call a moment ago, holding only its job
+        raise
+    click.echo(f"{folder}: {answer}" + (" (resumes its checkpoint)" if resuming else ""))
+
+
+def run_here(words):
+    """One main_cil.py run as a job inside the allocation this process runs in (a bare
+    `sbatch cluster/sbatch_train.sh`): the run folder, its output files and exit code as a
+    submitted job has them. Returns the exit code."""
+    folder, job, _, resuming = single_run(words, "here")
+    reserve_single(folder, job, resuming, "here")
+    record_submission(folder, "here", os.environ.get("SLURM_JOB_ID") or "here")
+    click.echo(f"{folder}: the run's output goes to {path(folder, 'stdout')} and "
+               f"{path(folder, 'stderr')}")
+    return run_job(folder)
 
 
 @main.command("submit", context_settings=dict(ignore_unknown_options=True))
@@ -738,6 +879,13 @@ def submit_single(scheduler, words, dry_run):
 def submit_command(scheduler, words, dry_run):
     """Submit one main_cil.py run with WORDS (after --) to LSF or SLURM."""
     _report(lambda: submit_single(scheduler, words, dry_run))
+
+
+@main.command("here", context_settings=dict(ignore_unknown_options=True))
+@click.argument("words", nargs=-1, type=click.UNPROCESSED)
+def here_command(words):
+    """Inside an allocation: run one main_cil.py run with WORDS (after --) as a job."""
+    _report(lambda: run_here(words))
 
 
 @main.command("job")

@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import math
 import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -249,7 +250,7 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
     import tensorflow as tf
     from model_cil import load_model, required_multiple
     from pipeline_cil import training_dataset, validation_arrays
-    from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, keras_verbosity,
+    from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, progress_kind,
                            run_callbacks, stop_on_signals)
     global_batch = settings.batch_size * replicas
     steps = math.ceil(len(train_images) * settings.count / global_batch)
@@ -266,6 +267,9 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
     echo(f"model {settings.model}{encoder}: {model.count_params():,} parameters; training on "
          f"{len(train_images)} images ({sample}, {settings.count}x per epoch), batch "
          f"{global_batch}, {steps} steps per epoch, up to {settings.epochs} epochs")
+    if state:
+        within = f", {state['step']} steps into epoch {state['epoch'] + 1}" if state["step"] else ""
+        echo(f"resuming from the checkpoint after epoch {state['epoch']}{within}")
 
     def stream(step):
         return training_dataset(train_images, train_masks, batch_size=global_batch,
@@ -276,17 +280,19 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
     if valid:
         x, y = validation_arrays(*valid, required_multiple(model))
         valid_data = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
-        panel = ImagePanel(run.folder, x[:PANEL_IMAGES], y[:PANEL_IMAGES], settings.classes)
+        panel = ImagePanel(run.folder, x[:PANEL_IMAGES], y[:PANEL_IMAGES], settings.classes,
+                           epochs=settings.epochs)
     checkpoint = RunCheckpoint(run.folder, monitor=settings.monitor if valid else None,
                                patience=settings.patience if valid else 0,
                                steps_per_epoch=steps, state=state)
-    verbose, epoch_lines = keras_verbosity(settings.verbose)
+    progress = progress_kind(settings.verbose)
     echo(f"run folder {run.folder}; watch it with: tensorboard --logdir {run.folder.parent}")
     with stop_on_signals():
         fit(model, stream, valid_data, epochs=settings.epochs, steps_per_epoch=steps,
-            callbacks=run_callbacks(run.folder, checkpoint=checkpoint, panel=panel,
-                                    schedule=settings.lr_schedule, epoch_lines=epoch_lines),
-            checkpoint=checkpoint, state=state, verbose=verbose,
+            callbacks=run_callbacks(run.folder, checkpoint=checkpoint, epochs=settings.epochs,
+                                    panel=panel, schedule=settings.lr_schedule,
+                                    progress=progress),
+            checkpoint=checkpoint, state=state, verbose=1 if progress == "bar" else 0,
             freeze_epochs=settings.freeze_encoder)
     return checkpoint
 
@@ -563,6 +569,9 @@ def run(settings):
 def main(ctx, **options):
     """Train a U-Net on image/mask pairs and validate it, or submit (see --submit)."""
     settings = None
+    # LSF's warning of the run limit matters while training, which handles it; elsewhere
+    # (reading data, predicting) it must not end the process as SIGUSR2 does by default.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         with one_line_errors(debug=options["debug"]):
             check_environment_names()

@@ -15,7 +15,7 @@ import click
 import numpy as np
 import tensorflow as tf
 
-from data_cil import InputError, read_image, write_atomically, write_png
+from data_cil import read_image, write_atomically, write_png
 from losses_cil import evaluation_metrics
 from mask_to_submission import FOREGROUND_THRESHOLD, patch_means, write_submission
 from model_cil import required_multiple
@@ -486,22 +486,25 @@ def export_saved_model(model, folder):
     signatures serving_default (float32 pixels 0..255) and serving_uint8, each taking a batch
     (N, H, W, 3) of any H and W and returning {"probabilities": (N, H, W, classes)}. Where
     tf2onnx is installed, serving_default also goes into ONNX_FILE, for ONNX Runtime without
-    TensorFlow. Written beside and renamed into place, so a kill leaves no half export.
+    TensorFlow. Written beside and renamed into place, so a kill leaves no half export; an
+    earlier export of the run (a resumed run exports its new best model) is replaced whole.
 
     Returns (folder, why ONNX_FILE is missing, or None)."""
     folder = Path(folder)
-    if folder.exists():
-        raise InputError(f"{folder}: exists; export into a new run (another --run-name)")
     partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
     serving = _Serving(model)
     try:
         tf.saved_model.save(serving, str(partial), signatures={
             "serving_default": serving.serve_float.get_concrete_function(),
             "serving_uint8": serving.serve_uint8.get_concrete_function()})
         no_onnx = write_onnx(partial)
+        if folder.exists():
+            os.replace(folder, replaced)
         os.replace(partial, folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
     return folder, no_onnx
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,12 @@ STATE_FILE = "state.json"                    # inside checkpoint/: which model f
 SUBMISSION_FILE = "submission.csv"
 LOCK_FIX = "delete it if no process of the tool holds the run"
 FOLD_PREFIX = "fold-"
+
+
+# Every way a scheduler or a user asks a job to stop, each a request to checkpoint and exit:
+# Ctrl-C and bkill's first signal (SIGINT), scancel, bkill's second and SLURM's time limit or
+# --signal warning (SIGTERM), LSF's run-limit warning (-wa USR2) and run limit (SIGUSR2).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
 
 class TrainingInterrupted(Exception):

@@ -660,22 +660,38 @@ def earlier_run_layer(given_path, *, submit=False, refit=False):
     if folds and "cross_validation" not in metrics:
         raise InputError(f"{folder}: its folds are not gathered yet; run python main_cil.py "
                          f"--resume {folder} first")
-    if folds:
-        if submit or refit:
-            layer.pop("folds")                 # one model, or their mean, on all test images
-        if refit:
-            layer["epochs"] = metrics["cross_validation"]["median_best_epoch"]
-        else:
-            layer["weights"] = tuple(fold_folder(folder, index) / "best.keras"
-                                     for index in range(folds))
-    elif refit:
+    if folds and (submit or refit):
+        layer.pop("folds")                     # one model, or their mean, on all test images
+    if folds and not refit:
+        layer["weights"] = tuple(fold_folder(folder, index) / "best.keras"
+                                 for index in range(folds))
+    elif refit and not folds:
         raise InputError(f"--refit: {folder} is not a cross-validated run (--folds)")
-    elif metrics.get("best_epoch"):
-        layer["epochs"] = metrics["best_epoch"]
+    file = folder / "metrics.json"
+    try:
+        measured = _measured_settings(metrics, folds=folds, refit=refit)
+    except (AttributeError, KeyError, TypeError):
+        raise InputError(f"{file}: damaged (not as the tool writes it); python main_cil.py "
+                         f"--resume {folder} writes it again") from None
+    options = options_by_name()
+    layer.update({name: typed_value(options[name], value, file)
+                  for name, value in measured.items()})
+    return layer
+
+
+def _measured_settings(metrics, *, folds, refit):
+    """What an earlier run's metrics.json decides: the epochs (its best epoch, or the folds'
+    median best for --refit) and the tuned thresholds where they beat the defaults."""
+    measured = {}
+    if refit:
+        measured["epochs"] = metrics["cross_validation"]["median_best_epoch"]
+    elif not folds and metrics.get("best_epoch"):
+        measured["epochs"] = metrics["best_epoch"]
     tuned = metrics.get("cross_validation", metrics).get("tuned", {})
     if tuned.get("applied"):
-        layer["threshold"], layer["patch_threshold"] = tuned["threshold"], tuned["patch_threshold"]
-    return layer
+        measured["threshold"] = tuned["threshold"]
+        measured["patch_threshold"] = tuned["patch_threshold"]
+    return measured
 
 
 def _defaults():

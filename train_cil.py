@@ -21,18 +21,15 @@ import tensorflow as tf
 from data_cil import write_atomically
 from model_cil import encoder_layer, save_model
 from predict_cil import render_mask
-from runs_cil import TrainingDiverged, TrainingInterrupted, path, read_state, write_state
+from runs_cil import (STOP_SIGNALS, TrainingDiverged, TrainingInterrupted, path, read_state,
+                      write_state)
 from settings_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
 
 PLATEAU_FACTOR = 0.5         # `plateau` halves the learning rate ...
 PLATEAU_PATIENCE = 5         # ... after this many epochs without improvement
 PANEL_IMAGES = 3             # validation images in the TensorBoard panel
 PANEL_EVERY = 5              # epochs between two panels
-# A scheduler signals every process of a job, and the job's wrapper forwards the signal too, so
-# one stop request can arrive twice within moments; only a signal after this counts as a second.
-REPEATED_SIGNAL_SECONDS = 2.0
-
-_stop_requested = threading.Event()   # set by SIGINT/SIGTERM, read between batches
+_stop_requested = threading.Event()   # set by a stop signal, read between batches
 _stop_signal_number = None
 
 
@@ -142,26 +139,24 @@ def saved(model, *, training_state):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """While inside, SIGINT (Ctrl-C, bkill) and SIGTERM (scancel, walltime) ask training to stop
-    after the current batch; a second signal, REPEATED_SIGNAL_SECONDS or more after the first,
-    ends the process at once. The previous handlers come back on leaving."""
+    """While inside, each of STOP_SIGNALS asks training to stop after the current batch and save
+    its checkpoint. Later signals change nothing: schedulers send several (bkill: SIGINT, then
+    SIGTERM 10 s later; a job's wrapper forwards what the whole job gets), and none may cut short
+    the saving the first one started; SIGKILL ends a process at once. The previous handlers come
+    back on leaving."""
     global _stop_signal_number
     _stop_requested.clear()
     _stop_signal_number = None
-    first = []
 
     def request_stop(number, frame):
         global _stop_signal_number
-        if not first:
-            first.append(time.monotonic())
+        if not _stop_requested.is_set():
             _stop_signal_number = number
             _stop_requested.set()
-        elif time.monotonic() - first[0] >= REPEATED_SIGNAL_SECONDS:
-            signal.signal(number, signal.SIG_DFL)
-            signal.raise_signal(number)
+            print(f"\n{signal.Signals(number).name}: stopping after this batch, then saving a "
+                  "checkpoint", file=sys.stderr, flush=True)
 
-    previous = {number: signal.signal(number, request_stop)
-                for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, request_stop) for number in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -261,28 +256,44 @@ class RunCheckpoint(keras.callbacks.Callback):
 
 
 class ImagePanel(keras.callbacks.Callback):
-    """Every few epochs, a TensorBoard image of validation images: image | truth | prediction."""
+    """A TensorBoard image of validation images, image | truth | prediction, every few epochs
+    and at the run's last epoch (its planned last, or the one early stopping ends on)."""
 
-    def __init__(self, run_dir, images, masks, classes, every=PANEL_EVERY):
+    def __init__(self, run_dir, images, masks, classes, *, epochs, every=PANEL_EVERY):
         super().__init__()
         self.writer = tf.summary.create_file_writer(str(path(run_dir, "panels")))
-        self.images, self.masks, self.classes, self.every = images, masks, classes, every
+        self.images, self.masks, self.classes = images, masks, classes
+        self.epochs, self.every = epochs, every
+        self._unwritten = None        # the last epoch ended, when it has no panel yet
 
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every:
-            return
+        self._unwritten = epoch + 1
+        if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
+            self.write(epoch + 1)
+
+    def on_train_end(self, logs=None):
+        if self._unwritten is not None and self.model.stop_training:     # stopped early
+            self.write(self._unwritten)
+
+    def write(self, epoch):
         probabilities = self.model.predict_on_batch(np.stack(self.images).astype(np.float32))
         rows = [np.concatenate([image / 255, render_mask(mask, self.classes) / 255,
                                 render_mask(prob, self.classes) / 255], axis=1)
                 for image, mask, prob in zip(self.images, self.masks, probabilities)]
         with self.writer.as_default():
             tf.summary.image("validation: image | truth | prediction", np.stack(rows),
-                             step=epoch + 1, max_outputs=len(rows))
+                             step=epoch, max_outputs=len(rows))
+        self._unwritten = None
 
 
 class EpochLine(keras.callbacks.Callback):
     """One line per epoch with its time and metrics, flushed at once: what a job's log file gets
-    instead of Keras' progress bar, whose carriage returns and backspaces fill it."""
+    instead of Keras' progress bar, whose carriage returns and backspaces fill it. Epochs count
+    to the run's `epochs`, also in a resumed or frozen phase."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.epochs = epochs
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -293,25 +304,42 @@ class EpochLine(keras.callbacks.Callback):
         names = sorted(logs, key=lambda n: (n.startswith("val_"), n.removeprefix("val_") != "loss",
                                             n))
         metrics = " - ".join(f"{name} {float(logs[name]):.4f}" for name in names)
-        print(f"Epoch {epoch + 1}/{self.params['epochs']} - "
+        print(f"Epoch {epoch + 1}/{self.epochs} - "
               f"{time.perf_counter() - self._start:.1f} s - {metrics}", flush=True)
 
 
-def keras_verbosity(verbose):
-    """(Keras' fit verbosity, whether to add EpochLine) for --verbose auto|0|1|2: auto shows the
-    progress bar on a terminal and one line per epoch in a file."""
+class RunProgressBar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, its epochs counted to the run's `epochs` (Keras counts to the end of
+    each fit call: a resumed or frozen phase would show 'Epoch 10/10')."""
+
+    def __init__(self, epochs):
+        super().__init__()
+        self.run_epochs = epochs
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.run_epochs
+
+
+def progress_kind(verbose):
+    """How training shows its progress for --verbose auto|0|1|2: "bar" (Keras' progress bar),
+    "lines" (one per epoch) or None; auto is the bar on a terminal, lines in a log file."""
     if verbose == "auto":
         verbose = "1" if sys.stdout.isatty() else "2"
-    return (1, False) if verbose == "1" else (0, verbose == "2")
+    return {"1": "bar", "2": "lines"}.get(verbose)
 
 
-def run_callbacks(run_dir, *, checkpoint, panel=None, schedule="constant", epoch_lines=False):
-    """The run's callbacks, RunCheckpoint last: a checkpoint then holds everything the epoch
-    changed (history row, learning rate), and a resume trims history rows it redoes."""
+def run_callbacks(run_dir, *, checkpoint, epochs, panel=None, schedule="constant",
+                  progress=None):
+    """The run's callbacks for `epochs` in all, with the `progress` of progress_kind,
+    RunCheckpoint last: a checkpoint then holds everything the epoch changed (history row,
+    learning rate), and a resume trims history rows it redoes."""
     callbacks = [keras.callbacks.CSVLogger(str(path(run_dir, "history")), append=True),
                  keras.callbacks.TensorBoard(str(run_dir), write_graph=False)]
-    if epoch_lines:
-        callbacks.append(EpochLine())
+    if progress == "bar":
+        callbacks.append(RunProgressBar(epochs))
+    elif progress == "lines":
+        callbacks.append(EpochLine(epochs))
     if panel is not None:
         callbacks.append(panel)
     if schedule == "plateau":

@@ -60,9 +60,16 @@ def test_an_onnx_export_predicts_in_onnx_runtime_like_the_keras_model(workdir, t
     assert np.allclose(out, predict_probabilities(model, image), atol=1e-4)
 
 
-def test_an_export_never_replaces_an_earlier_one(tmp_path):
-    from data_cil import InputError
+def test_a_second_export_of_a_run_replaces_the_first_whole(tmp_path):
+    """A resumed run started with --export exports its new best model over the earlier one."""
+    import tensorflow as tf
     from predict_cil import export_saved_model
-    (tmp_path / "export").mkdir()
-    with pytest.raises(InputError, match="export: exists"):
-        export_saved_model(build_unet(filters=2, depth=1), tmp_path / "export")
+    first, second = build_unet(filters=2, depth=1), build_unet(filters=3, depth=1)
+    image = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype(np.float32)
+    for model in (first, second):
+        folder, _ = export_saved_model(model, tmp_path / "export")
+    loaded = tf.saved_model.load(str(folder)).signatures["serving_default"]
+    out = loaded(images=tf.constant(image))["probabilities"].numpy()
+    assert np.allclose(out, second.predict_on_batch(image), atol=1e-5)
+    assert not np.allclose(out, first.predict_on_batch(image), atol=1e-3)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]      # nothing partial left

@@ -146,15 +146,18 @@ def lsf_grid(tmp_path, monkeypatch, content, jobs_dir=None):
 
 
 @pytest.mark.parametrize("resources, gpus, expected", [
-    ({}, 0, ["-n", "2", "-W", "4:00", "-R", "span[hosts=1]", "-R", "rusage[mem=4096]"]),
-    ({"cores": 8, "mem_per_core": 2048, "walltime": "24:00"}, 2,
-     ["-n", "8", "-W", "24:00", "-R", "span[hosts=1]", "-R", "rusage[mem=2048, ngpus_excl_p=2]"]),
+    ({}, 0, ["-n", "2", "-W", "4:00", "-wa", "USR2", "-wt", "5", "-R", "span[hosts=1]", "-R",
+             "rusage[mem=4096]"]),
+    ({"cores": 8, "mem_per_core": 2048, "walltime": "24:00", "stop_warning": 15}, 2,
+     ["-n", "8", "-W", "24:00", "-wa", "USR2", "-wt", "15", "-R", "span[hosts=1]", "-R",
+      "rusage[mem=2048, ngpus_excl_p=2]"]),
     ({"gpu_clause": "gpu", "walltime": 90, "partition": "gpu.24h", "account": "es_cil"}, 1,
-     ["-n", "2", "-W", "1:30", "-R", "span[hosts=1]", "-R", "rusage[mem=4096]",
-      "-gpu", "num=1", "-q", "gpu.24h", "-P", "es_cil"]),
+     ["-n", "2", "-W", "1:30", "-wa", "USR2", "-wt", "5", "-R", "span[hosts=1]", "-R",
+      "rusage[mem=4096]", "-gpu", "num=1", "-q", "gpu.24h", "-P", "es_cil"]),
 ])
 def test_lsf_jobs_follow_the_documented_syntax(tmp_path, monkeypatch, resources, gpus, expected):
-    """bsub -W [hour:]minute, -R "rusage[mem=MB, ngpus_excl_p=N]" or -gpu "num=N"."""
+    """bsub -W [hour:]minute, -wa USR2 -wt minutes (the checkpoint warning), -R "rusage[mem=MB,
+    ngpus_excl_p=N]" or -gpu "num=N"."""
     result, calls, jobs_dir = lsf_grid(tmp_path, monkeypatch, {
         "lr": [0.001], "gpus": gpus, "resources": resources})
     assert result.exit_code == 0, result.output
@@ -263,15 +266,16 @@ def test_a_rerun_never_changes_what_a_queued_task_runs(tmp_path, monkeypatch):
     ("slurm", "squeue", "PENDING", "pending"), ("slurm", "squeue", "RUNNING", "running"),
     ("slurm", "squeue", "", "lost"), ("lsf", "bjobs", "PEND", "pending"),
     ("lsf", "bjobs", "RUN", "running"), ("lsf", "bjobs", "EXIT", "lost")])
-def test_job_state_comes_from_the_scheduler_when_there_is_no_exit_code(
+def test_job_state_comes_from_the_queue_first_then_from_the_exit_code(
         tmp_path, monkeypatch, scheduler, command, answer, status):
     fake(tmp_path, monkeypatch, command, answer)
     folder = tmp_path / "job"
     folder.mkdir()
     (folder / "submitted.json").write_text(json.dumps({"scheduler": scheduler, "job_id": "5"}))
     assert job_status(folder) == status
-    (folder / "exit_code").write_text("143\n")
-    assert job_status(folder) == "failed (exit 143)"
+    (folder / "exit_code").write_text("143\n")       # an earlier attempt's, when requeued
+    assert job_status(folder) == (status if status in ("pending", "running")
+                                  else "failed (exit 143)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,7 +218,8 @@ def test_cosine_and_plateau_schedules():
                                                                          abs=1e-9)
     assert learning_rate("plateau", 1e-3) == 1e-3
     checkpoint = RunCheckpoint("unused", monitor="val_f1", patience=0, steps_per_epoch=1)
-    plateau = [c for c in run_callbacks("unused", checkpoint=checkpoint, schedule="plateau")
+    plateau = [c for c in run_callbacks("unused", checkpoint=checkpoint, epochs=3,
+                                        schedule="plateau")
                if isinstance(c, keras.callbacks.ReduceLROnPlateau)]
     assert len(plateau) == 1 and plateau[0].monitor == "val_f1" and plateau[0].mode == "max"
 
