@@ -34,7 +34,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from data_cil import InputError, find_pairs, load_pairs, synthetic_road_pair
+from cli_cil import HELP_OPTIONS, OneLineCommand, one_line_errors
+from data_cil import find_pairs, load_pairs, synthetic_road_pair, write_json
 from main_cil import import_tensorflow
 from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,
                           resolve_aug)
@@ -358,7 +359,7 @@ def markdown(report):
     return "\n".join(lines)
 
 
-@click.command()
+@click.command(cls=OneLineCommand, context_settings=HELP_OPTIONS)
 @click.option("--quick", is_flag=True, help="Tiny sizes and few repetitions: a smoke test.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
               help="Road images for the pipeline and memory runs (generated ones if missing).")
@@ -377,15 +378,14 @@ def main(quick, data_dir, output, policy, parts, encoder_row, tile_row):
         row = encoder_row_of(encoder_row, p) if encoder_row else tile_row_of(tile_row, quick)
         click.echo(json.dumps(dict(row, peak_mib=peak_mib())))
         return
-    try:
+    with one_line_errors():
         check_output_path(output, force=True)      # before minutes of measuring, not after
-    except InputError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
     keras.mixed_precision.set_global_policy(policy)
     report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS), policy=policy)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(markdown(report))
+    click.echo(markdown(report))                    # shown even if writing it fails
+    with one_line_errors():
+        write_json(output, report)
+        click.echo(f"written to {output}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import click
 from data_cil import InputError, os_error_line
 
 USAGE_EXIT = 2               # click's code for a usage error, and ours for every bad input
+HELP_OPTIONS = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
 class FiniteFloat(click.FloatRange):
@@ -19,10 +20,10 @@ class FiniteFloat(click.FloatRange):
     check, so `--lr nan` would reach training."""
 
     def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
+        number = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+        return super().convert(number, param, ctx)
 
 
 def finite(value, label):
@@ -56,3 +57,26 @@ def one_line_errors(*kinds, debug=False):
         if debug:
             raise
         fail(os_error_line(error))
+
+
+class OneLineUsage:
+    """Mixed into a click command or group: a usage error (unknown option, bad value, missing
+    argument) is one line, `error: ...` and exit code 2, like every other fault, instead of
+    click's usage block; `--help` still shows the whole page."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            fail(" ".join(error.format_message().split()))
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class OneLineCommand(OneLineUsage, click.Command):
+    """A click command whose usage errors are one line (OneLineUsage)."""

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import click
 
-from cli_cil import one_line_errors
+from cli_cil import HELP_OPTIONS, OneLineUsage, one_line_errors
 from data_cil import InputError, write_json, write_json_once
 from runs_cil import (FILES, FOLD_PREFIX, OWNER_FILE, RUN_NAME, STOP_SIGNALS, check_run_name,
                       fold_folder, host_name, lock_owner, own_folder, path, process_alive,
@@ -716,8 +716,20 @@ def write_summary(grid_dir, metric=DEFAULT_METRIC):
 # Command line
 
 
-class GridCommands(click.Group):
+class GridCommands(OneLineUsage, click.Group):
     """`grid_cil.py GRID.json ...` runs a grid; `grid_cil.py summary FOLDER` tabulates one."""
+
+    def format_usage(self, ctx, formatter):
+        formatter.write_usage("grid_cil.py", "GRID.json [--scheduler local|lsf|slurm] [--dry-run] "
+                                             "[--parallel K] [--jobs-dir DIR]")
+        formatter.write_usage("grid_cil.py", "summary|submit|here|job ... (see COMMAND --help)",
+                              prefix="       ")
+
+    def format_commands(self, ctx, formatter):
+        """Every command with the whole first line of its help, never cut short."""
+        rows = [(name, command.help.splitlines()[0]) for name, command in self.commands.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and not args[0].startswith("-"):
@@ -725,7 +737,7 @@ class GridCommands(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=GridCommands, context_settings=dict(help_option_names=["-h", "--help"]))
+@click.group(cls=GridCommands, context_settings=HELP_OPTIONS)
 def main():
     """Run a grid of main_cil.py jobs, submit one run to a cluster, or summarise a grid."""
 

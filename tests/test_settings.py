@@ -8,11 +8,10 @@ import sys
 
 import pytest
 
-import settings_cil
 from data_cil import InputError
 from settings_cil import (CONFIG_EXCLUDED, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES,
                           RESUME_OVERRIDES, Settings, learned_names)
-from tests.conftest import REPO, checkpoint_state, cli, resolved
+from tests.conftest import REPO, cli, resolved, saved_run
 
 
 def test_precedence_command_line_environment_config_recipe_default(workdir, monkeypatch):
@@ -68,16 +67,6 @@ def test_settings_are_immutable_and_replace_records_the_source():
     changed = settings.replace("model file", classes=3)
     assert (settings.classes, changed.classes) == (1, 3)
     assert changed.sources["classes"] == "model file" and isinstance(changed, Settings)
-
-
-def saved_run(folder, **changes):
-    """A run folder whose config.json records non-default values of every learned option."""
-    settings = dict(resolved(), **changes)
-    record = settings_cil.config_record(Settings(settings, {}), folder.name)
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(record))
-    checkpoint_state(folder)
-    return folder
 
 
 # A value unlike the default for every learned option; a new learned option without an entry

@@ -1,0 +1,445 @@
+"""The second hostile round, class by class: numbers that are not finite, writes that fail
+(read-only targets, a full disk), damaged run files, the CSV converter in reverse, options that
+cannot apply, and checks whose suggested fixes are themselves accepted. Each case ends in one
+line and a non-zero exit, and changes nothing outside a run's own folders."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import bench_cil
+import grid_cil
+import mask_to_submission as m2s
+import train_cil
+from cli_cil import FiniteFloat
+from data_cil import InputError, train_sample_size
+from model_cil import build_unet
+from runs_cil import open_run, own_folder
+from settings_cil import NO_PERTURBATION, OPTIONS
+from tests.conftest import (TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb, saved_run,
+                            save)
+
+
+def tree(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def one_line_error(output, message):
+    """The output ends in exactly one error line, holding `message`, and has no traceback."""
+    lines = output.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), output
+    assert message in lines[-1], output
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in output
+
+
+def grid(*args, env=None):
+    return CliRunner().invoke(grid_cil.main, [str(a) for a in args],
+                              env={TF_QUIET: None, **(env or {})})
+
+
+# ---------------------------------------------------------------------------------------------
+# File systems that refuse: a real tmpfs, full or read-only (root mounts it; else skipped)
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(name, kib, read_only, fill): a tmpfs folder under tmp_path; with `fill`, a file
+    takes all of its space. Unmounted afterwards."""
+    mounted = []
+
+    def make(name, kib=256, read_only=False, fill=False, content=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs",
+                               str(folder)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"no tmpfs can be mounted here ({done.stderr.strip()}); run as root")
+        mounted.append(folder)
+        if content:
+            content(folder)
+        if fill:
+            subprocess.run(["dd", "if=/dev/zero", f"of={folder / 'filler'}", "bs=4k"],
+                           capture_output=True)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+
+    yield make
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)])
+
+
+def test_a_read_only_logs_folder_is_one_line(workdir, road_dir, mount):
+    read_only = mount("ro", read_only=True)
+    result = cli("--data-dir", road_dir, *TINY, "--logs-dir", read_only / "logs")
+    assert result.exit_code == 2
+    one_line_error(result.output, f"{read_only / 'logs'}: cannot create the logs folder "
+                                  "(Read-only file system)")
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_outputs_is_one_line_and_keeps_the_checkpoint(workdir, road_dir,
+                                                                           mount):
+    full = mount("full", fill=True, kib=64)
+    result = cli("--data-dir", road_dir, *TINY, "--valid-output-dir", full, "--run-name", "r")
+    assert result.exit_code == 2
+    one_line_error(result.output, "no space left on the device")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_says_how_to_resume(workdir, road_dir, monkeypatch):
+    """The second epoch's checkpoint meets a full disk: the first stays intact and resumes."""
+    writes = []
+
+    def full_after_one(model, path, *, training_state):
+        if training_state:
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        keep(model, path, training_state=training_state)
+
+    keep = train_cil.save_model
+    monkeypatch.setattr(train_cil, "save_model", full_after_one)
+    result = cli("--data-dir", road_dir, *TINY, "--epochs", "3", "--patience", "0",
+                 "--run-name", "r")
+    assert result.exit_code == 2
+    one_line_error(result.output, "no space left on the device; free some (df -h) and run "
+                                  "again; the last checkpoint in logs/r is intact: once that is "
+                                  "mended, continue with python main_cil.py --resume logs/r")
+    state = json.loads((workdir / "logs/r/checkpoint/state.json").read_text())
+    assert state["epoch"] == 1 and (workdir / "logs/r/checkpoint" / state["file"]).is_file()
+    monkeypatch.setattr(train_cil, "save_model", keep)
+    assert cli("--resume", "logs/r").exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["read-only", "full"])
+def test_the_converter_says_in_one_line_when_it_cannot_write(tmp_path, mount, kind):
+    masks = tmp_path / "masks"
+    save(masks / "test_1.png", np.full((32, 32), 255, np.uint8))
+    target = mount("out", fill=kind == "full", read_only=kind == "read-only", kib=64)
+    result = CliRunner().invoke(m2s.main, [str(masks), "-o", str(target / "s.csv")])
+    assert result.exit_code == 2
+    one_line_error(result.output, "is not writable" if kind == "read-only" else
+                   "no space left on the device")
+    (tmp_path / "s.csv").write_text("id,prediction\n001_0_0,1\n")
+    result = CliRunner().invoke(m2s.main, ["--to-masks", str(tmp_path / "s.csv"), "-o",
+                                           str(target / "masks")])
+    assert result.exit_code == 2
+    one_line_error(result.output, "read-only file system" if kind == "read-only" else
+                   "no space left on the device")
+
+
+def test_the_grid_says_in_one_line_when_it_cannot_write(tmp_path, mount):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1]}))
+    read_only = mount("ro", read_only=True, content=lambda folder: (
+        (folder / "g").mkdir(), (folder / "g/.cil-owner").write_text("{}"),
+        (folder / "g/grid.json").write_text(json.dumps({"lr": [0.1]}))))
+    result = grid(tmp_path / "g.json", "--jobs-dir", read_only, "--dry-run")
+    assert result.exit_code == 0                     # a dry run writes nothing: it works
+    for args in ([tmp_path / "g.json", "--jobs-dir", read_only / "new"],
+                 ["summary", read_only / "g"]):
+        result = grid(*args)
+        assert result.exit_code == 2
+        one_line_error(result.output, "ead-only file system")
+
+
+@pytest.mark.slow
+def test_the_benchmark_shows_its_results_before_a_write_that_fails(workdir, mount):
+    full = mount("full", fill=True, kib=64)
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "startup", "-o",
+                                                 str(full / "bench.json")])
+    assert result.exit_code == 2
+    assert "| main_cil.py |" in result.output                  # the table came first
+    one_line_error(result.output, "no space left on the device")
+    read_only = mount("ro", read_only=True)
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "-o", str(read_only / "b.json")])
+    assert result.exit_code == 2 and "matmul" not in result.output    # refused before measuring
+    one_line_error(result.output, "is not writable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: NaN and infinity are refused for every float option, from every source
+
+
+FLOAT_OPTIONS = [option.opts[0] for option in OPTIONS if isinstance(option.type, FiniteFloat)]
+
+
+@pytest.mark.parametrize("option", FLOAT_OPTIONS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_float_option_takes_nan_or_infinity(workdir, road_dir, option, value):
+    result = cli("--data-dir", road_dir, *TINY, option, value)
+    assert result.exit_code == 2
+    assert f"'{value}' is not a finite number" in result.output
+    assert not (workdir / "logs").exists()
+
+
+@pytest.mark.parametrize("source", ["config", "environment", "aug", "class weights", "grid"])
+def test_nan_is_refused_from_every_source(workdir, road_dir, source):
+    (workdir / "c.json").write_text('{"lr": NaN}')            # JSON as Python writes it
+    if source == "grid":
+        result = grid(workdir / "c.json", "--dry-run")
+    else:
+        args = {"config": ["--config", "c.json"], "environment": [],
+                "aug": ["--aug", "rotation_range=nan"], "class weights": ["--class-weights",
+                                                                           "1,nan"]}[source]
+        result = cli("--data-dir", road_dir, *TINY, *args,
+                     env={"CIL_LR": "nan"} if source == "environment" else None)
+    assert result.exit_code == 2, result.output
+    assert "finite number" in result.output or "expected auto or numbers" in result.output \
+        or "expected a number" in result.output
+    assert not (workdir / "logs").exists() and not (workdir / "jobs").exists()
+
+
+@pytest.mark.parametrize("option", ["--data-dir", "--weights", "--palette", "--logs-dir"])
+def test_a_path_too_long_for_the_file_system_is_one_line(workdir, road_dir, option):
+    long_path = "/".join(["d" * 200] * 30)                    # 6000 characters
+    args = ["--data-dir", road_dir, *TINY, option, long_path]
+    if option == "--palette":
+        args += ["--classes", "2"]
+    result = cli(*args)
+    assert result.exit_code == 2, result.output
+    one_line_error(result.output, "d" * 60)       # the path, shortened where the tool says it
+    assert len(result.output.splitlines()[-1]) < 400 or option == "--palette"   # click's
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged run files
+
+
+DAMAGE = {
+    "config.json truncated": ("config.json", '{"settings": {"epo', "config.json: damaged"),
+    "config.json hand-edited": ("config.json", '{"settings": [1, 2]}', "config.json: damaged"),
+    "state.json truncated": ("checkpoint/state.json", '{"file": "m', "state.json: damaged"),
+    "state.json hand-edited": ("checkpoint/state.json", json.dumps(
+        {"file": "model-0001-000000.keras", "epoch": "one", "step": 0}), "state.json: damaged"),
+    "state names a missing model": ("checkpoint/state.json", json.dumps(
+        {"file": "model-0009-000000.keras", "epoch": 9, "step": 0, "best": None,
+         "best_epoch": None, "wait": 0, "epoch_seconds": []}),
+        "it names model-0009-000000.keras, which is not in"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_run_file_is_named_in_one_line_by_resume(workdir, damage):
+    file, content, message = DAMAGE[damage]
+    folder = saved_run(workdir / "logs/r")
+    (folder / file).write_text(content)
+    result = cli("--resume", folder)
+    assert result.exit_code == 2
+    one_line_error(result.output, message)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"pid": "me"}', '{"pid": 1'])
+def test_a_damaged_lock_is_named_in_one_line(tmp_path, content):
+    folder = own_folder(tmp_path / "logs/r", "run folder")
+    (folder / "lock").write_text(content)
+    with pytest.raises(InputError, match="lock: damaged.*; delete it if no process of the tool "
+                                         "holds the run"):
+        open_run(tmp_path / "logs", "r", tmp_path / "valid", tmp_path / "submit", resume=True)
+
+
+@pytest.mark.parametrize("content", ['{"best_epoch": 3', '{"best_epoch": "three"}',
+                                     '{"cross_validation": 5}', "[]"])
+def test_damaged_metrics_are_named_in_one_line_by_from_run(workdir, content):
+    folder = saved_run(workdir / "logs/r")
+    (folder / "metrics.json").write_text(content)
+    result = cli("--from-run", folder, "--submit")
+    assert result.exit_code == 2
+    one_line_error(result.output, f"{folder / 'metrics.json'}: ")
+    assert "--resume" in result.output
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("metrics.json", '{"valid": {"patch_f1": ', "metrics.json: damaged"),
+    ("metrics.json", '{"valid": {"patch_f1": "high"}}', "metrics.json: damaged"),
+    ("exit_code", "zero\n", "exit_code: damaged ('zero' is not an exit code)"),
+    ("submitted.json", '{"scheduler": ', "submitted.json: damaged"),
+])
+def test_damaged_job_files_are_named_in_one_line_by_the_grid(tmp_path, file, content, message):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1]}))
+    assert grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs", "--dry-run").exit_code == 0
+    job = tmp_path / "jobs/g/lr-0.1"
+    grid_cil.own_folder(job.parent, "grid folder")
+    grid_cil.own_folder(job, "job folder")
+    (job.parent / "grid.json").write_text(json.dumps({"lr": [0.1]}))
+    (job / file).write_text(content)
+    for args in (["summary", job.parent], [tmp_path / "g.json", "--jobs-dir",
+                                           tmp_path / "jobs", "--dry-run"]):
+        if args[0] != "summary" and file == "metrics.json":
+            continue                          # a rerun reads no metrics
+        result = grid(*args)
+        assert result.exit_code == 2, result.output
+        one_line_error(result.output, message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CSV converter in reverse
+
+
+@pytest.mark.parametrize("line, message", [
+    ("001_0_0,1", "id 001_0_0 repeats line 2; keep one line per patch"),
+    ("001_16_0,2", "label '2' is not 0 or 1"),
+    ("001_-16_0,1", "image numbers and coordinates cannot be negative"),
+    ("-01_16_0,1", "image numbers and coordinates cannot be negative"),
+    ("001_8_0,1", "x and y must be multiples of the patch size 16"),
+    ("001_0_99999984,1", "the mask would be larger than 16384 pixels"),
+    ("001_16,1", "is not 'NNN_x_y,label'"),
+])
+def test_the_reverse_converter_refuses_bad_lines_before_writing(tmp_path, line, message):
+    (tmp_path / "s.csv").write_text(f"id,prediction\n001_0_0,1\n{line}\n")
+    result = CliRunner().invoke(m2s.main, ["--to-masks", str(tmp_path / "s.csv"), "-o",
+                                           str(tmp_path / "masks")])
+    assert result.exit_code == 2
+    one_line_error(result.output, f"s.csv:3: '{line}'")
+    assert message in result.output
+    assert not (tmp_path / "masks").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing is ignored silently
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--run-name", "other"], {}, "--run-name (command line) cannot apply to --resume"),
+    (["--logs-dir", "elsewhere"], {}, "--logs-dir (command line) cannot apply to --resume"),
+    ([], {"CIL_RUN_NAME": "other"}, "--run-name (environment CIL_RUN_NAME) cannot apply"),
+    (["--force"], {}, "--force (command line) cannot apply to --resume"),
+])
+def test_options_a_resumed_run_cannot_take_are_refused(workdir, args, env, message):
+    folder = saved_run(workdir / "logs/r")
+    before = tree(workdir)
+    result = cli("--resume", folder, *args, env=env)
+    assert result.exit_code == 2
+    one_line_error(result.output, message)
+    assert tree(workdir) == before
+
+
+def test_resume_from_the_environment_refuses_a_run_name_too(workdir):
+    folder = saved_run(workdir / "logs/r")
+    result = cli("--run-name", "x", env={"CIL_RESUME": str(folder)})
+    assert result.exit_code == 2
+    one_line_error(result.output, "--run-name (command line) cannot apply to --resume")
+
+
+@pytest.mark.parametrize("variable, message", [
+    ("CIL_EPOCS", "environment CIL_EPOCS: names no option of main_cil.py; did you mean "
+                  "CIL_EPOCHS?"),
+    ("CIL_NOTHING_LIKE_IT", "environment CIL_NOTHING_LIKE_IT: names no option"),
+])
+def test_an_environment_variable_that_names_no_option_is_refused(workdir, road_dir, variable,
+                                                                 message):
+    result = cli("--data-dir", road_dir, *TINY, env={variable: "5"})
+    assert result.exit_code == 2
+    one_line_error(result.output, message)
+
+
+def test_encoder_weights_without_an_encoder_are_refused(workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--encoder-weights", "imagenet")
+    assert result.exit_code == 2
+    one_line_error(result.output, "--encoder-weights imagenet are an encoder's starting weights; "
+                                  "pass --encoder too")
+    result = cli("--data-dir", road_dir, *TINY, "--encoder", "resnet50", "--encoder-weights",
+                 "hed")
+    one_line_error(result.output, "--encoder-weights hed holds vgg16 weights; pass --encoder "
+                                  "vgg16 with it")
+
+
+def test_the_summary_lists_the_metrics_it_knows(tmp_path):
+    grid_dir = tmp_path / "jobs/g"
+    grid_dir.mkdir(parents=True)
+    (grid_dir / "grid.json").write_text(json.dumps({"lr": [0.1]}))
+    result = grid("summary", grid_dir, "--metric", "dice")
+    assert result.exit_code == 2
+    one_line_error(result.output, "--metric dice: not a metric the runs record; choose one of "
+                                  "accuracy, f1, iou")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that match what they check
+
+
+def test_tile_is_checked_against_the_models_own_multiple(workdir, road_dir):
+    build_unet(filters=2, depth=2).save("d2.keras")          # sides: multiples of 4
+    result = cli("--data-dir", road_dir, "--weights", "d2.keras", "--tile", "12",
+                 "--overlap", "4", "--run-name", "t")
+    assert result.exit_code == 0, result.output              # not "a multiple of 16"
+    result = cli("--data-dir", road_dir, "--weights", "d2.keras", "--tile", "10",
+                 "--overlap", "4", "--run-name", "u")
+    assert result.exit_code == 2
+    one_line_error(result.output, "d2.keras: --tile must be a multiple of 4 (what the model's "
+                                  "input sides must be), got 10; pass --tile 8")
+
+
+def test_the_crop_an_error_suggests_is_accepted(tmp_path):
+    images = [rgb(100)]
+    with pytest.raises(InputError) as error:
+        train_sample_size(images, 128, NO_PERTURBATION, 16)
+    assert "pass --crop 96 or smaller (a multiple of 16)" in str(error.value)
+    assert train_sample_size(images, 96, NO_PERTURBATION, 16) == (96, 96)
+
+
+def test_a_dry_run_of_a_finished_grid_has_nothing_to_run(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1, 0.2]}))
+    for value in ("0.1", "0.2"):
+        job = tmp_path / f"jobs/g/lr-{value}"
+        grid_cil.own_folder(job.parent, "grid folder")
+        grid_cil.own_folder(job, "job folder")
+        (job / "exit_code").write_text("0\n")
+    before = tree(tmp_path)
+    result = grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs", "--dry-run")
+    assert result.exit_code == 0
+    assert "lr-0.1: finished, skipped" in result.output and "nothing to run" in result.output
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_local_grid_with_a_failed_job_exits_non_zero(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps({"data-dir": str(tmp_path / "nowhere"),
+                                                 "epochs": [1]}))
+    result = grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs")
+    assert result.exit_code == 1
+    assert "epochs-1 (start): failed (exit 2)" in result.output
+    assert "folder not found" in (tmp_path / "jobs/g/epochs-1/stderr").read_text()
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"GPUS": "abc"}, "GPUS='abc': expected a whole number of GPUs"),
+    ({"CORES": "two"}, "CORES='two': expected a whole number from 1"),
+    ({"WALLTIME": "0"}, "walltime '0': use H:MM"),
+    ({"WALLTIME": "0:00"}, "above 0 (SLURM reads 0 as no limit)"),
+    ({"STOP_WARNING": "300", "WALLTIME": "60"}, "stop_warning 300 (minutes) must be shorter"),
+])
+def test_bad_resources_for_the_cluster_scripts_are_one_line(tmp_path, variables, message):
+    result = subprocess.run(["bash", "cluster/sbatch_train.sh", "--epochs", "1", "--logs-dir",
+                             str(tmp_path / "logs")], cwd=grid_cil.REPO, capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable,
+                                            "PATH": f"{tmp_path}:{os.environ['PATH']}",
+                                            **variables})
+    assert result.returncode == 2
+    one_line_error(result.stderr, message)
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("content", [{"cores": True}, {"mem_per_core": 4096.5},
+                                     {"walltime": False}])
+def test_booleans_and_fractions_are_no_resources(tmp_path, content):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1], "resources": content}))
+    result = grid(tmp_path / "g.json", "--dry-run")
+    assert result.exit_code == 2
+    assert "resources" in result.output or "walltime" in result.output
+
+
+def test_a_run_without_a_checkpoint_or_mask_file_is_still_refused_in_one_line(workdir):
+    make_pair(workdir / "d", "a.png", rgb(32), np.zeros((32, 32), np.uint8))
+    folder = saved_run(workdir / "logs/r")
+    (folder / "checkpoint/state.json").unlink()
+    result = cli("--resume", folder)
+    assert result.exit_code == 2
+    one_line_error(result.output, "no checkpoint to resume from")
+    assert checkpoint_state(folder).is_file()
