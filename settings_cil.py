@@ -36,7 +36,8 @@ DATA_DIR = Path("data/roadseg")
 DEMO_DIR = Path("data/demo")
 LOGS_DIR = Path("logs")
 VALID_OUTPUT_DIR = Path("data/valid/output")
-SUBMIT_OUTPUT_DIR = Path("data/roadseg/submit_output")
+SUBMIT_SUBDIR = "submit_output"   # test masks and the CSV go beside the data they predict:
+                                  # data/roadseg/submit_output/<run> for the road images
 
 EPOCHS = 60
 BATCH_SIZE = 8               # per replica
@@ -311,8 +312,9 @@ OPTIONS = [
     _runs("--logs-dir", type=FOLDER, default=LOGS_DIR, help="Where run folders go."),
     _runs("--valid-output-dir", type=FOLDER, default=VALID_OUTPUT_DIR,
           help="Where validation predictions go, one folder per run."),
-    _runs("--submit-output-dir", type=FOLDER, default=SUBMIT_OUTPUT_DIR,
-          help="Where test masks and the CSV go, one folder per run."),
+    _runs("--submit-output-dir", type=FOLDER,
+          help=f"Where test masks and the CSV go, one folder per run [default: "
+               f"<--data-dir>/{SUBMIT_SUBDIR}]."),
     _runs("--gpus", type=click.IntRange(min=0),
           help="GPUs to train on (MirroredStrategy from 2); 0 forces the CPU "
                "[default: one GPU if there is one]."),
@@ -754,9 +756,13 @@ def resolve_settings(ctx):
 
 
 def _derived(values, sources, chosen):
-    """Values that follow from others: the monitor, a recipe's global batch."""
+    """Values that follow from others: the monitor, the submission folder beside the data, a
+    recipe's global batch."""
     if not values["monitor"]:
         values["monitor"], sources["monitor"] = default_monitor(values["classes"]), "default"
+    if not values["submit_output_dir"]:
+        values["submit_output_dir"] = Path(values["data_dir"]) / SUBMIT_SUBDIR
+        sources["submit_output_dir"] = "default, beside --data-dir"
     recipe = chosen.get("recipe")
     if (recipe in GLOBAL_BATCH_RECIPES and sources["batch_size"].startswith("recipe")
             and values["gpus"]):

@@ -19,6 +19,16 @@ from tests.conftest import TINY, cli, make_pair, predicted_alone
 pytestmark = pytest.mark.slow      # each test trains a model end to end
 
 
+def panel_steps(folder):
+    """The epochs of the TensorBoard image panels written to `folder`, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "images": 0}).Reload()
+    tags = events.Tags()
+    return sorted({event.step for tag in tags["tensors"] + tags["images"]
+                   for event in (events.Tensors(tag) if tag in tags["tensors"]
+                                 else events.Images(tag))})
+
+
 def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, road_dir):
     result = cli("--data-dir", road_dir, *TINY, "--run-name", "t1")
     assert result.exit_code == 0, result.output
@@ -26,7 +36,8 @@ def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, ro
     for name in ("best.keras", "config.json", "history.csv", "split.json", "metrics.json",
                  "checkpoint/state.json"):
         assert (run / name).is_file(), name
-    assert list(run.glob("train/events.out.tfevents*")) and list(run.glob("images/events*"))
+    assert list(run.glob("train/events.out.tfevents*"))
+    assert panel_steps(run / "images") == [2]         # a 2-epoch run: its last epoch's panel
     split = json.loads((run / "split.json").read_text())
     assert len(split["train"]) == 6 and len(split["valid"]) == 2
     assert not set(split["train"]) & set(split["valid"])
@@ -67,10 +78,9 @@ def test_an_existing_run_is_refused_and_force_replaces_it(workdir, road_dir):
 def test_submit_writes_masks_and_csv_and_weights_reproduce_them(workdir, road_dir):
     result = cli("--data-dir", road_dir, *TINY, "--submit", "--run-name", "sub")
     assert result.exit_code == 0, result.output
-    folder = Path("data/roadseg/submit_output/sub")
+    folder = road_dir / "submit_output/sub"                    # beside the data it predicts
     assert sorted(p.name for p in folder.iterdir() if p.name != OWNER_FILE) == [
-        "submission.csv", "test_1.png",
-                                                        "test_2.png"]
+        "submission.csv", "test_1.png", "test_2.png"]
     lines = (folder / "submission.csv").read_text().splitlines()
     assert lines[0] == "id,prediction" and len(lines) == 1 + 2 * 16       # 64x64: 4x4 patches
     assert lines[1].startswith("001_0_0,") and lines[-1].startswith("002_48_48,")
@@ -80,8 +90,8 @@ def test_submit_writes_masks_and_csv_and_weights_reproduce_them(workdir, road_di
                 "--run-name", "again")
     assert again.exit_code == 0, again.output
     assert "no training" in again.output
-    assert (Path("data/roadseg/submit_output/again/submission.csv").read_text().splitlines()
-            == lines)
+    assert (road_dir / "submit_output/again/submission.csv").read_text().splitlines() == lines
+    assert not Path("data/roadseg").exists()
 
 
 def test_weights_without_submit_evaluate_the_validation_split(workdir, road_dir):

@@ -44,13 +44,13 @@ def test_cross_validation_reports_every_image_out_of_fold_and_submits_the_ensemb
     tuned = report["tuned"]
     applied = (tuned["threshold"], tuned["patch_threshold"]) if tuned["applied"] else (0.5, 0.25)
     assert f"pixel threshold {applied[0]}, patch share {applied[1]}" in ensemble.output
-    lines = Path("data/roadseg/submit_output/ens/submission.csv").read_text().splitlines()
+    lines = (road_dir / "submit_output/ens/submission.csv").read_text().splitlines()
     assert lines[0] == "id,prediction" and len(lines) == 1 + 2 * 16
     refit = cli("--submit", "--from-run", "logs/cv", "--refit", "--run-name", "refit")
     assert refit.exit_code == 0, refit.output
     config = json.loads(Path("logs/refit/config.json").read_text())["settings"]
     assert config["epochs"] == report["median_best_epoch"] and config["folds"] is None
-    assert Path("data/roadseg/submit_output/refit/submission.csv").is_file()
+    assert (road_dir / "submit_output/refit/submission.csv").is_file()
 
 
 def test_a_fold_interrupted_and_resumed_gives_the_same_out_of_fold_table(workdir, road_dir,

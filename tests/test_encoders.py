@@ -225,7 +225,7 @@ def test_an_encoder_unet_trains_reloads_and_submits(workdir, road_dir):
     assert result.exit_code == 0, result.output
     model = keras.models.load_model("logs/enc/best.keras")
     assert model.name == f"unet_nested_{SMALL}" and required_multiple(model) == 32
-    assert Path("data/roadseg/submit_output/enc/submission.csv").is_file()
+    assert (road_dir / "submit_output/enc/submission.csv").is_file()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -443,3 +443,11 @@ def test_a_run_without_a_checkpoint_or_mask_file_is_still_refused_in_one_line(wo
     assert result.exit_code == 2
     one_line_error(result.output, "no checkpoint to resume from")
     assert checkpoint_state(folder).is_file()
+
+
+def test_a_dry_run_of_a_new_grid_creates_nothing(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1, 0.2], "folds": 2, "fold": [0, 1]}))
+    result = grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "lr-0.1/fold-0 (start): " in result.output
+    assert not (tmp_path / "jobs").exists()

@@ -119,11 +119,11 @@ def test_force_never_moves_a_run_while_a_run_inside_it_is_held(tmp_path):
 
 
 def test_a_filled_submission_folder_is_refused_before_training(workdir, road_dir):
-    own_folder(workdir / "data/roadseg/submit_output/s", "submission folder")
-    save(workdir / "data/roadseg/submit_output/s/test_1.png", rgb(16))
+    own_folder(road_dir / "submit_output/s", "submission folder")
+    save(road_dir / "submit_output/s/test_1.png", rgb(16))
     result = cli("--data-dir", road_dir, *TINY, "--submit", "--run-name", "s")
     assert result.exit_code == 2
-    assert "data/roadseg/submit_output/s: a run of that name exists" in result.output
+    assert "submit_output/s: a run of that name exists" in result.output
     assert "Epoch" not in result.output
 
 

@@ -132,34 +132,48 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(workdir, road_d
     assert [line.split(",")[0] for line in history[1:]] == ["0", "1", "2"]
 
 
-# (optimizer step the signal arrives after, checkpoint's (epochs done, step into the next))
-STOPS = {"mid-epoch": (7, (1, 2)),        # epoch 2, step 2 of 5: stops after that batch
-         "last batch": (10, (2, 0))}      # epoch 2's last step: its end (history row) first
+# (signal, optimizer step it arrives after, a second signal sent while the checkpoint is being
+# written or None, the checkpoint's (epochs done, step into the next))
+STOPS = {"SIGTERM mid-epoch": (signal.SIGTERM, 7, None, (1, 2)),   # epoch 2, step 2 of 5
+         "SIGTERM at the last batch": (signal.SIGTERM, 10, None, (2, 0)),  # the epoch's end first
+         "SIGUSR2, LSF's run limit": (signal.SIGUSR2, 7, None, (1, 2)),
+         "bkill: SIGINT, then SIGTERM while saving": (signal.SIGINT, 7, signal.SIGTERM, (1, 2))}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when", STOPS)
-def test_sigterm_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir, monkeypatch, when):
+def test_a_stop_signal_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir, monkeypatch,
+                                                               when):
     assert cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "whole").exit_code == 0
-    keep_batch_end = RunCheckpoint.on_train_batch_end
-    signal_step, checkpoint = STOPS[when]
+    keep_batch_end, keep_save = RunCheckpoint.on_train_batch_end, RunCheckpoint._save_state
+    number, signal_step, second, checkpoint = STOPS[when]
+    saved = []
 
-    def terminated_in_epoch_two(self, batch, logs=None):
+    def signalled_in_epoch_two(self, batch, logs=None):
         if int(self.model.optimizer.iterations.numpy()) == signal_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), number)
         keep_batch_end(self, batch, logs)
 
+    def saving(self, epoch, step):
+        if second and epoch == checkpoint[0] and step == checkpoint[1]:
+            os.kill(os.getpid(), second)            # arrives while this checkpoint is written
+        keep_save(self, epoch, step)
+        saved.append((epoch, step))
+
     with monkeypatch.context() as patch:
-        patch.setattr(RunCheckpoint, "on_train_batch_end", terminated_in_epoch_two)
+        patch.setattr(RunCheckpoint, "on_train_batch_end", signalled_in_epoch_two)
+        patch.setattr(RunCheckpoint, "_save_state", saving)
         result = cli("--data-dir", road_dir, *RESUMABLE, "--run-name", "stopped")
-    assert result.exit_code == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM during epoch 2" in result.output
+    assert result.exit_code == 128 + number, result.output
+    assert f"stopped by {signal.Signals(number).name} during epoch 2" in result.output
     assert "Continue with: python main_cil.py --resume logs/stopped" in result.output
+    assert saved[-1] == checkpoint                      # the save the second signal met ended
     state = json.loads(Path("logs/stopped/checkpoint/state.json").read_text())
     assert (state["epoch"], state["step"]) == checkpoint
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL    # handlers given back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL     # handlers given back
     result = cli("--resume", "logs/stopped")
     assert result.exit_code == 0, result.output
+    assert f"resuming from the checkpoint after epoch {checkpoint[0]}" in result.output
     for a, b in zip(final_weights(Path("logs/whole")), final_weights(Path("logs/stopped"))):
         assert np.allclose(a, b, atol=1e-5)
     epochs = [row.split(",")[0] for row in
@@ -169,7 +183,11 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(workdir, road_dir, monk
 
 
 @pytest.mark.slow
-def test_a_real_sigterm_to_the_process_exits_with_a_resumable_checkpoint(tmp_path, road_dir):
+@pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGUSR2,),
+                                     (signal.SIGINT, signal.SIGTERM)],
+                         ids=["scancel", "LSF run limit", "bkill"])
+def test_a_real_stop_signal_to_the_process_exits_with_a_resumable_checkpoint(tmp_path, road_dir,
+                                                                            signals):
     command = [sys.executable, str(REPO / "main_cil.py"), "--data-dir", str(road_dir), *TINY,
                "--epochs", "100", "--patience", "0", "--run-name", "job"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
@@ -178,9 +196,11 @@ def test_a_real_sigterm_to_the_process_exits_with_a_resumable_checkpoint(tmp_pat
     deadline = time.time() + 120
     while not state.exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    for number in signals:              # bkill's second signal follows at once here, not 10 s
+        process.send_signal(number)
+        time.sleep(0.05)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, output
+    assert process.returncode == 128 + signals[0], output
     assert "checkpoint saved. Continue with: python main_cil.py --resume logs/job" in output
     assert "Traceback" not in output
     saved = json.loads(state.read_text())
