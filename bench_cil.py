@@ -22,6 +22,7 @@ Warm-up runs are excluded; each figure is the median of several repetitions.
     python bench_cil.py --part encoders --part tiles   # the README's encoder and tile tables
 """
 
+import itertools
 import json
 import resource
 import statistics
@@ -36,12 +37,12 @@ import numpy as np
 
 from cli_cil import HELP_OPTIONS, OneLineCommand, one_line_errors
 from data_cil import find_pairs, load_pairs, synthetic_road_pair, write_json
-from main_cil import import_tensorflow
+from devices_cil import start_backend
 from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,
-                          resolve_aug)
+                          installed_version, resolve_aug)
 
-# TensorFlow first, without its C++ start-up lines; then what builds on it.
-tf = import_tensorflow()
+# The backend first (TensorFlow without its C++ start-up lines); then what builds on it.
+BACKEND = start_backend()
 import keras
 
 from losses_cil import SegmentationLoss, training_metrics
@@ -92,8 +93,37 @@ def median_rate(run, repeats, items):
     return statistics.median(rates)
 
 
-def matmul_peak(side, repeats):
-    """float32 FLOP/s of numpy's matrix multiply: the best of `repeats` products."""
+def gpu_kind():
+    """The GPU the model rows run on (JAX's device kind), or None on the CPU."""
+    if BACKEND != "jax":
+        return None
+    import jax
+    device = jax.devices()[0]
+    return device.device_kind if device.platform == "gpu" else None
+
+
+def device_name():
+    """What the model rows ran on: the GPU's name, or the CPU's with its core count."""
+    if gpu_kind():
+        return gpu_kind()
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"{len(names)} cores, {names[0]}" if names else "CPU"
+
+
+def matmul_peak(side, repeats, dtype="float32"):
+    """FLOP/s of a large matrix multiply, the best of `repeats`: numpy's float32 on the CPU; on a
+    GPU, JAX's in the models' compute dtype (bfloat16 under mixed_bfloat16)."""
+    if gpu_kind():
+        import jax
+        import jax.numpy as jnp
+        a = jnp.asarray(np.random.default_rng(0).random((side, side)), dtype)
+        b = jnp.asarray(np.random.default_rng(1).random((side, side)), dtype)
+        product = jax.jit(jnp.matmul)
+        product(a, b).block_until_ready()
+        best = min(_timed(lambda: product(a, b).block_until_ready()) for _ in range(repeats))
+        return 2 * side**3 / best
     a = np.random.default_rng(0).random((side, side), np.float32)
     b = np.random.default_rng(1).random((side, side), np.float32)
     a @ b
@@ -155,10 +185,13 @@ def road_images(data_dir, count, side):
 
 
 def pipeline_rate(images, masks, crop, batch, batches, repeats):
-    """(images/s, distinct mask values) of main_cil.py's training stream."""
-    stream = iter(training_dataset(images, masks, batch_size=batch,
-                                   aug=resolve_aug(DATA_GEN_ARGS), seed=0, crop=crop))
-    return stream_rate(stream, batch, batches, repeats)
+    """(images/s, distinct mask values) of main_cil.py's training stream under this backend:
+    tf.data under TensorFlow, the NumPy stream otherwise."""
+    stream = training_dataset(images, masks, batch_size=batch, aug=resolve_aug(DATA_GEN_ARGS),
+                              seed=0, crop=crop)
+    batches_of = (iter(stream) if BACKEND == "tensorflow"
+                  else (stream[index] for index in itertools.count()))
+    return stream_rate(batches_of, batch, batches, repeats)
 
 
 def legacy_pair_rate(images, masks, batch, batches, repeats):
@@ -264,8 +297,10 @@ def measure(data_dir, quick, parts):
     p = QUICK if quick else FULL
     rows = {}
     if "peak" in parts or "models" in parts:
-        peak = matmul_peak(p["side"], p["repeats"])
-        rows["matmul peak"] = dict(gflops=peak / 1e9)
+        dtype = keras.mixed_precision.global_policy().compute_dtype
+        peak = matmul_peak(p["side"], p["repeats"], dtype)
+        rows["matmul peak"] = dict(gflops=peak / 1e9, of=f"JAX {dtype}" if gpu_kind()
+                                   else "numpy float32")
     for label, options in (MODELS.items() if "models" in parts else ()):
         options = dict(options)
         model = build_model(options.pop("name"), **options)
@@ -298,8 +333,8 @@ def measure(data_dir, quick, parts):
     if "tiles" in parts:
         sides = (96, 160) if quick else TILE_SIDES
         rows["tiles"] = {side: in_own_process("--tile-row", side, quick) for side in sides}
-    return dict(settings=p, results=rows, versions=dict(tensorflow=tf.__version__,
-                                                        keras=keras.__version__))
+    return dict(settings=p, results=rows, backend=BACKEND, device=device_name(),
+                versions={name: installed_version(name) for name in ("keras", BACKEND)})
 
 
 def markdown(report):
@@ -308,7 +343,8 @@ def markdown(report):
     lines = []
     if "unet f=16 (default)" in r:
         peak = r["matmul peak"]["gflops"]
-        lines += [f"matmul peak (numpy float32, {p['side']}x{p['side']}): {peak:.0f} GFLOP/s; "
+        lines += [f"{report['backend']} on {report['device']}; matmul peak "
+                  f"({r['matmul peak']['of']}, {p['side']}x{p['side']}): {peak:.0f} GFLOP/s; "
                   f"models run with Keras' {report['policy']} policy", "",
                   f"| model | parameters | GFLOP/image at {p['crop']}x{p['crop']} | train "
                   f"images/s (batch {p['batch']}) | train share of peak | inference images/s at "
@@ -366,7 +402,8 @@ def markdown(report):
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("bench_results.json"),
               show_default=True, help="Where the JSON goes.")
 @click.option("--policy", type=click.Choice(POLICIES), default="float32", show_default=True,
-              help="Keras dtype policy of the model rows; the peak and its shares stay float32.")
+              help="Keras dtype policy of the model rows; the CPU's peak stays numpy float32, a "
+                   "GPU's is measured in the policy's compute dtype.")
 @click.option("--part", "parts", type=click.Choice(PARTS), multiple=True,
               help=f"What to measure (repeatable) [default: {', '.join(DEFAULT_PARTS)}].")
 @click.option("--encoder-row", hidden=True)

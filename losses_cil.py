@@ -245,7 +245,7 @@ class SegmentationMetric(keras.metrics.Metric):
 
     def reset_state(self):
         for variable in self.counts.values():
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(ops.zeros(variable.shape, variable.dtype))   # zeros_like: not under JAX
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "classes": self.classes,

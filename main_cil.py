@@ -23,6 +23,7 @@ import click
 import numpy as np
 
 from cli_cil import one_line_errors
+from devices_cil import placement, start_backend
 from data_cil import (InputError, find_pairs, find_test_images, fold_assignment, load_pairs,
                       os_error_line, parse_palette, split_pairs, train_sample_size, write_json,
                       write_json_once, write_synthetic_dataset)
@@ -34,41 +35,10 @@ from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_
                           learned_names, parse_class_weights, parse_loss, resolve_settings,
                           tile_error)
 
-# Threads TensorFlow may use, from what the scheduler granted the job (else all cores).
-CORE_VARIABLES = ("SLURM_CPUS_PER_TASK", "LSB_DJOB_NUMPROC")
-BFLOAT16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}   # /proc/cpuinfo's names
 
 
 def echo(text="", err=False):
     click.echo(text, err=err)
-
-
-@contextlib.contextmanager
-def c_stderr_silenced(enabled=True):
-    """Send what C++ code writes to stderr to /dev/null while inside. TensorFlow prints its
-    start-up lines before its log level is read (tensorflow#102212); Python errors still show."""
-    if not enabled:
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def import_tensorflow(quiet=True):
-    """TensorFlow with its C++ info and warning lines off (the CPU-feature banner among them),
-    its devices listed once: without a GPU driver, that first look prints a CUDA error line."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with c_stderr_silenced(quiet):
-        import tensorflow as tf
-        tf.config.list_physical_devices("GPU")
-    return tf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,59 +84,6 @@ def resolved_class_weights(settings, masks):
 
 # ---------------------------------------------------------------------------------------------
 # Devices and the run folder
-
-
-def cpu_has_bfloat16():
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo;
-    elsewhere TensorFlow emulates it, slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return bool(set(flags) & BFLOAT16_CPU_FLAGS)
-
-
-def mixed_policy(on_gpu):
-    """Keras' mixed-precision policy for --amp: float16 on a GPU (with loss scaling), bfloat16 on
-    a CPU that has bfloat16 instructions, None (float32) on one that has not."""
-    if on_gpu:
-        return "mixed_float16"
-    return "mixed_bfloat16" if cpu_has_bfloat16() else None
-
-
-def distribution(settings):
-    """(strategy, replicas): one device by default, MirroredStrategy over --gpus N (N >= 2), the
-    CPU with --gpus 0; threads as the scheduler granted; mixed precision only on a GPU."""
-    import keras
-    import tensorflow as tf
-    cores = next((os.environ[name] for name in CORE_VARIABLES if os.environ.get(name)), None)
-    if cores and cores.isdigit():
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(int(cores))
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, int(cores)))
-        except RuntimeError:        # TensorFlow already ran in this process: threads are set
-            cores = None
-    found = tf.config.list_physical_devices("GPU")
-    if settings.gpus == 0:
-        tf.config.set_visible_devices([], "GPU")
-        found = []
-    if settings.gpus and settings.gpus > len(found):
-        raise InputError(f"--gpus {settings.gpus}: only {len(found)} GPU(s) visible to "
-                         f"TensorFlow; pass --gpus {len(found)} or fewer")
-    policy = mixed_policy(bool(found)) if settings.amp else None
-    if settings.amp and policy:
-        echo(f"precision: {policy} (--amp)")
-    elif settings.amp:
-        echo("note: --amp ignored: this CPU has no bfloat16 instructions (avx512_bf16 or "
-             "amx_bf16), where mixed precision runs slower than float32; training in float32")
-    keras.mixed_precision.set_global_policy(policy or "float32")   # the process's, per run
-    threads = f", {cores} threads" if cores else ""
-    if settings.gpus and settings.gpus > 1:
-        devices = [f"/gpu:{i}" for i in range(settings.gpus)]
-        echo(f"device: MirroredStrategy over {devices}{threads}")
-        return tf.distribute.MirroredStrategy(devices), settings.gpus
-    echo(f"device: {'GPU 0' if found else 'CPU'}{threads}")
-    return tf.distribute.get_strategy(), 1
 
 
 def default_run_name(settings):
@@ -243,19 +160,17 @@ def build_and_compile(settings, steps_per_epoch, class_weights):
     return model
 
 
-def train(settings, run, strategy, replicas, train_images, train_masks, class_weights,
-          valid=None):
+def train(settings, run, place, train_images, train_masks, class_weights, valid=None):
     """Build (or reload the run's checkpoint), compile and fit; returns the RunCheckpoint."""
     import keras
-    import tensorflow as tf
     from model_cil import load_model, required_multiple
-    from pipeline_cil import training_dataset, validation_arrays
+    from pipeline_cil import training_dataset, validation_arrays, validation_batches
     from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, progress_kind,
                            run_callbacks, stop_on_signals)
-    global_batch = settings.batch_size * replicas
+    global_batch = settings.batch_size * place.replicas
     steps = math.ceil(len(train_images) * settings.count / global_batch)
     state = read_state(run.folder)
-    with strategy.scope():
+    with place.scope():
         if state:
             model = load_model(run.file("checkpoint_dir") / state["file"])
         else:
@@ -276,10 +191,10 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
                                 aug=settings.aug, seed=settings.seed, count=settings.count,
                                 crop=crop, start_step=step)
 
-    valid_data, panel = None, None
+    valid_data, panel = (None, None), None
     if valid:
         x, y = validation_arrays(*valid, required_multiple(model))
-        valid_data = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
+        valid_data = validation_batches(x, y, global_batch)
         panel = ImagePanel(run.folder, x[:PANEL_IMAGES], y[:PANEL_IMAGES], settings.classes,
                            epochs=settings.epochs)
     checkpoint = RunCheckpoint(run.folder, monitor=settings.monitor if valid else None,
@@ -304,8 +219,9 @@ def train(settings, run, strategy, replicas, train_images, train_masks, class_we
 def finish(settings, run, model, report=None):
     """After training or loading: the SavedModel export when asked, and the HParams entry of
     a validated run (its learned settings and validation table)."""
-    from predict_cil import ONNX_FILE, export_saved_model, log_hparams
+    from board_cil import log_hparams
     if settings.export:
+        from export_cil import ONNX_FILE, export_saved_model
         export, no_onnx = export_saved_model(model, run.file("export_dir"))
         echo(f"exported a SavedModel: {export}" + (
             f" (no {ONNX_FILE}: {no_onnx})" if no_onnx else
@@ -326,15 +242,15 @@ def preflight(settings, images):
         backbone(settings.encoder, settings.encoder_weights)
 
 
-def validated_run(settings, run, strategy, replicas, train_set, valid_set):
+def validated_run(settings, run, place, train_set, valid_set):
     """Train on train_set and validate on valid_set, each (pairs, images, masks): the best
     model, its full-size validation (outputs, table, metrics.json); returns its probabilities."""
     from model_cil import load_model
     from predict_cil import predicted, report_validation
     (_, train_images, train_masks), (valid_pairs, valid_images, valid_masks) = train_set, valid_set
     class_weights = resolved_class_weights(settings, train_masks)
-    checkpoint = train(settings, run, strategy, replicas, train_images, train_masks,
-                       class_weights, valid=(valid_images, valid_masks))
+    checkpoint = train(settings, run, place, train_images, train_masks, class_weights,
+                       valid=(valid_images, valid_masks))
     echo(f"\nbest {settings.monitor} {checkpoint.best:.4f} at epoch {checkpoint.best_epoch}"
          f" of {len(checkpoint.epoch_seconds)}; model: {run.file('best_model')}")
     model = load_model(run.file("best_model"))
@@ -353,7 +269,7 @@ def train_and_validate(settings):
     train_set = (train_pairs, *load(train_pairs, settings))
     valid_set = (valid_pairs, *load(valid_pairs, settings))
     preflight(settings, train_set[1])
-    strategy, replicas = distribution(settings)
+    place = placement(settings)
     with opened_run(settings) as run:
         write_json(run.file("split"), dict(seed=settings.seed,
                                            valid_fraction=settings.valid_fraction,
@@ -361,7 +277,7 @@ def train_and_validate(settings):
                                            valid=[p.name for p in valid_pairs]))
         echo(f"data {settings.data_dir}: {len(pairs)} pairs, {len(train_pairs)} train, "
              f"{len(valid_pairs)} valid (names in {run.file('split')})")
-        validated_run(settings, run, strategy, replicas, train_set, valid_set)
+        validated_run(settings, run, place, train_set, valid_set)
 
 
 def cross_validation_run(settings, pairs, assignment):
@@ -407,7 +323,7 @@ def cross_validate(settings):
     preflight(settings, images)
     assignment = fold_assignment([float(np.mean(mask > 0)) for mask in masks], settings.folds,
                                  settings.seed)
-    strategy, replicas = distribution(settings)
+    place = placement(settings)
     parent = cross_validation_run(settings, pairs, assignment)
     echo(f"data {settings.data_dir}: {len(pairs)} pairs in {settings.folds} folds stratified by "
          f"foreground share (in {parent.file('split')}); run folder {parent.folder}")
@@ -431,8 +347,7 @@ def cross_validate(settings):
             if settings.weights:
                 probabilities = revalidated_fold(fold_settings, run, valid_set)
             else:
-                probabilities = validated_run(fold_settings, run, strategy, replicas, train_set,
-                                              valid_set)
+                probabilities = validated_run(fold_settings, run, place, train_set, valid_set)
             write_oof(run.file("oof"), valid_set[0], valid_set[2], probabilities)
     finished = [fold for fold in range(settings.folds)
                 if path(fold_folder(parent.folder, fold), "oof").is_file()]
@@ -479,10 +394,10 @@ def train_and_submit(settings):
     tests = find_test_images(settings.data_dir)    # fail now, not after hours of training
     preflight(settings, images)
     class_weights = resolved_class_weights(settings, masks)
-    strategy, replicas = distribution(settings)
+    place = placement(settings)
     with opened_run(settings) as run:
         echo(f"data {settings.data_dir}: training on all {len(pairs)} pairs (no validation)")
-        checkpoint = train(settings, run, strategy, replicas, images, masks, class_weights)
+        checkpoint = train(settings, run, place, images, masks, class_weights)
         model = load_model(run.file("best_model"))
         submission = write_test_predictions([model], settings, run, tests, palette_of(settings))
         write_json(run.file("metrics"), dict(checkpoint.summary(), class_weights=class_weights,
@@ -547,7 +462,11 @@ def check_environment_names():
 
 
 def run(settings):
-    import_tensorflow(quiet=not settings.debug)
+    backend = start_backend(quiet=not settings.debug, cpu_only=settings.gpus == 0)
+    if settings.export and backend != "tensorflow":
+        raise InputError(f"--export writes a TensorFlow SavedModel, which the {backend} backend "
+                         "cannot; run with KERAS_BACKEND=tensorflow (its best.keras loads there "
+                         "as it is), or leave --export out")
     if settings.fetch_weights:
         fetch_weights(settings.fetch_weights)
     elif settings.folds:

@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 import keras
-import tensorflow as tf
+import numpy as np
 from keras import layers
 
 from data_cil import InputError
@@ -47,21 +47,25 @@ class FusedBatchNormalization(layers.BatchNormalization):
     moving variance takes the batch variance with the kernel's n/(n-1) correction.
 
     Keras 3 normalises with half a dozen separate elementwise ops; the one fused kernel trains
-    the default U-Net about a third faster on 2 CPU cores (bench_cil.py, README "Speed"). It
-    ties the model to the TensorFlow backend, which the tool uses anyway. Channels last only.
+    the default U-Net about a third faster on 2 CPU cores (bench_cil.py, README "Speed"). Under
+    another backend it is Keras' own BatchNormalization, so its files load everywhere; saved
+    files name only that class (standard_layers). Channels last only.
     """
 
     def call(self, inputs, training=None, mask=None):
+        if keras.backend.backend() != "tensorflow":
+            return super().call(inputs, training=training, mask=mask)
+        from tensorflow import raw_ops, zeros
         scale, offset = self.gamma.value, self.beta.value
         if training:
-            empty = tf.zeros([0], scale.dtype)
-            y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-                x=inputs, scale=scale, offset=offset, mean=empty, variance=empty,
-                epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            y, mean, variance, *_ = raw_ops.FusedBatchNormV3(
+                x=inputs, scale=scale, offset=offset, mean=zeros([0], scale.dtype),
+                variance=zeros([0], scale.dtype), epsilon=self.epsilon, data_format="NHWC",
+                is_training=True)
             for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
                 moving.assign(moving * self.momentum + batch * (1 - self.momentum))
             return y
-        y, *_ = tf.raw_ops.FusedBatchNormV3(
+        y, *_ = raw_ops.FusedBatchNormV3(
             x=inputs, scale=scale, offset=offset, mean=self.moving_mean.value,
             variance=self.moving_variance.value, epsilon=self.epsilon, data_format="NHWC",
             is_training=False)
@@ -205,9 +209,9 @@ def build_tiny_unet(*, input_channels=3, classes=1, dropout=DROPOUT, batchnorm=F
 def _caffe_preprocessing():
     """What VGG's ImageNet weights expect: BGR, the ImageNet mean subtracted; a fixed 1x1
     convolution, so the saved model needs no custom code."""
-    swap = tf.constant([[0, 0, 1], [0, 1, 0], [1, 0, 0]], tf.float32)[None, None]
+    swap = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], np.float32)[None, None]
     return layers.Conv2D(3, 1, trainable=False, name="caffe_preprocessing",
-                         kernel_initializer=keras.initializers.Constant(swap.numpy()),
+                         kernel_initializer=keras.initializers.Constant(swap),
                          bias_initializer=keras.initializers.Constant([-103.939, -116.779,
                                                                        -123.68]))
 
@@ -380,7 +384,9 @@ def save_model(model, path, *, training_state):
 
 def fuse_batch_norms(model):
     """The model's own batch norms (not those inside a keras.applications encoder) computed by
-    the fused kernel again, as when it was built; returns the model."""
+    the fused kernel again under TensorFlow, as when it was built; returns the model."""
+    if keras.backend.backend() != "tensorflow":
+        return model
     for layer in model.layers:
         if type(layer) is layers.BatchNormalization and layer.axis in (-1, 3, [-1], [3]):
             layer.__class__ = FusedBatchNormalization

@@ -1,133 +1,228 @@
-"""The tf.data pipeline: training batches with paired perturbations, validation arrays.
+"""The input pipeline: training batches with paired perturbations, validation batches.
+
+One definition of a perturbation, two executors. `perturbation_transform` turns DRAWS uniform
+numbers into the 8 projective coefficients of one element (written once, over NumPy or
+TensorFlow arithmetic); `resample` applies them as TensorFlow's ImageProjectiveTransformV3 does
+(bilinear image, nearest mask, the same four fill modes), in NumPy. Under TensorFlow the stream
+is a tf.data chain, the fastest on CPUs (parallel C++ maps, that very op); under JAX or PyTorch
+a NumPy stream feeds Keras (tests check both give the same pixels for the same draws).
 
 An image and its mask travel together as one element from the first read to the batch. Every
-random draw is stateless and keyed by (seed, position in the stream), so a run, and a run resumed
-after a kill, sees exactly the same crops and perturbations. The perturbations speak
-ImageDataGenerator's vocabulary (settings_cil.AUG_NEUTRAL says what each key means).
+random draw is keyed by (seed, position in the stream), so a run, and a run resumed after a
+kill, sees exactly the same crops and perturbations. The perturbations speak ImageDataGenerator's
+vocabulary (settings_cil.AUG_NEUTRAL says what each key means).
 """
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
-import tensorflow as tf
 
 from data_cil import InputError, train_sample_size
 
+# The uniform draws in [0, 1) of one element, by position in its vector of draws.
+DRAWS = ("angle", "shear", "zoom_x", "zoom_y", "flip_x", "flip_y", "turn", "left", "top",
+         "shift_x", "shift_y", "brightness")
+DRAW = {name: index for index, name in enumerate(DRAWS)}
+STREAM_WORKERS = 4           # threads preparing NumPy batches ahead of the training step
 
-def _uniform(seed, low, high):
-    return tf.random.stateless_uniform([], seed=seed, minval=low, maxval=high)
+
+def _between(draw, low, high):
+    return low + (high - low) * draw
 
 
-def _shift_pixels(seed, shift_range, side):
+def _shift_pixels(draw, shift_range, side, xp):
     if not shift_range:
-        return tf.constant(0.0)
-    limit = shift_range * tf.cast(side, tf.float32) if shift_range < 1 else shift_range
+        return 0.0
+    limit = shift_range * side if shift_range < 1 else shift_range
     # Whole pixels: a sub-pixel shift would only blur the image and change nothing else.
-    return tf.round(_uniform(seed, -limit, limit))
+    return xp.round(_between(draw, -limit, limit))
 
 
-def _dihedral(seed, aug):
-    """2x2 matrix of the random flips and quarter turn, exact in 0 and +-1."""
-    flip_seed, turn_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    coins = tf.random.stateless_uniform([2], seed=flip_seed) < 0.5
-    fx = tf.where(tf.logical_and(coins[0], aug["horizontal_flip"]), -1.0, 1.0)
-    fy = tf.where(tf.logical_and(coins[1], aug["vertical_flip"]), -1.0, 1.0)
-    turns = tf.random.stateless_uniform([], seed=turn_seed, maxval=4, dtype=tf.int32)
-    turns = turns if aug["quarter_turns"] else tf.constant(0)
-    cos = tf.gather([1.0, 0.0, -1.0, 0.0], turns)
-    sin = tf.gather([0.0, 1.0, 0.0, -1.0], turns)
-    return tf.reshape(tf.stack([cos * fx, -sin * fy, sin * fx, cos * fy]), [2, 2])
-
-
-def _affine(seed, aug):
-    """2x2 matrix of rotation, shear and zoom (ImageDataGenerator's order), output to input."""
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
-    angle = _uniform(seeds[0], -aug["rotation_range"], aug["rotation_range"]) * math.pi / 180
-    shear = _uniform(seeds[1], -aug["shear_range"], aug["shear_range"]) * math.pi / 180
-    zx = _uniform(seeds[2], *aug["zoom_range"])
-    zy = _uniform(seeds[3], *aug["zoom_range"])
-    rotation = tf.reshape(tf.stack([tf.cos(angle), -tf.sin(angle), tf.sin(angle), tf.cos(angle)]),
-                          [2, 2])
-    shearing = tf.reshape(tf.stack([1.0, -tf.sin(shear), 0.0, tf.cos(shear)]), [2, 2])
-    zoom = tf.linalg.diag(tf.stack([zx, zy]))
-    return rotation @ shearing @ zoom
-
-
-def perturbation_transform(seed, aug, in_size, out_size):
-    """The 8 projective coefficients mapping output pixels to input pixels for one element.
+def perturbation_transform(u, aug, in_size, out_size, xp=np):
+    """The 8 projective coefficients mapping output pixels to input pixels for one element,
+    from its draws `u` (DRAWS uniform numbers), in the arithmetic of `xp`: numpy, or inside
+    tf.data TensorFlow's functions of the same names.
 
     Output pixel q (column, row) reads input pixel c_in + shift + crop + A D (q - c_out): D is the
-    flips and quarter turn, A the rotation/shear/zoom, crop the window's offset from the centre,
-    all in one matrix so image and mask are resampled once.
+    flips and quarter turn, A the rotation/shear/zoom (ImageDataGenerator's order), crop the
+    window's offset from the centre, all in one matrix so image and mask are resampled once.
     """
     in_h, in_w = in_size
     out_h, out_w = out_size
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-    linear = _affine(seeds[0], aug) @ _dihedral(seeds[1], aug)
+    degrees = math.pi / 180
+    angle = _between(u[DRAW["angle"]], -aug["rotation_range"], aug["rotation_range"]) * degrees
+    shear = _between(u[DRAW["shear"]], -aug["shear_range"], aug["shear_range"]) * degrees
+    zx, zy = (_between(u[DRAW[key]], *aug["zoom_range"]) for key in ("zoom_x", "zoom_y"))
+    fx = xp.where(u[DRAW["flip_x"]] < 0.5, -1.0, 1.0) if aug["horizontal_flip"] else 1.0
+    fy = xp.where(u[DRAW["flip_y"]] < 0.5, -1.0, 1.0) if aug["vertical_flip"] else 1.0
+    turn = xp.floor(u[DRAW["turn"]] * 4) * (math.pi / 2) if aug["quarter_turns"] else 0.0
+    # rounded: exact 0 and +-1, so flips and turns copy pixels
+    cos_t, sin_t = xp.round(xp.cos(turn)), xp.round(xp.sin(turn))
+    cos_a, sin_a, sin_s, cos_s = xp.cos(angle), xp.sin(angle), xp.sin(shear), xp.cos(shear)
+    # A = rotation @ shear @ zoom, D = [[cos_t fx, -sin_t fy], [sin_t fx, cos_t fy]], L = A @ D
+    a11, a12 = cos_a * zx, (-cos_a * sin_s - sin_a * cos_s) * zy
+    a21, a22 = sin_a * zx, (-sin_a * sin_s + cos_a * cos_s) * zy
+    a = a11 * cos_t * fx + a12 * sin_t * fx
+    b = -a11 * sin_t * fy + a12 * cos_t * fy
+    c = a21 * cos_t * fx + a22 * sin_t * fx
+    d = -a21 * sin_t * fy + a22 * cos_t * fy
     # An integer window corner keeps flips, turns and crops on the pixel grid (exact copies).
-    left = tf.cast(tf.random.stateless_uniform([], seeds[2], maxval=in_w - out_w + 1,
-                                               dtype=tf.int32), tf.float32)
-    top = tf.cast(tf.random.stateless_uniform([], seeds[3], maxval=in_h - out_h + 1,
-                                              dtype=tf.int32), tf.float32)
-    shift_seeds = tf.unstack(tf.random.experimental.stateless_split(seeds[4], 2))
-    shift_x = _shift_pixels(shift_seeds[0], aug["width_shift_range"], in_w)
-    shift_y = _shift_pixels(shift_seeds[1], aug["height_shift_range"], in_h)
-    centre_x = left + (out_w - 1) / 2 + shift_x
-    centre_y = top + (out_h - 1) / 2 + shift_y
+    left = xp.floor(u[DRAW["left"]] * (in_w - out_w + 1))
+    top = xp.floor(u[DRAW["top"]] * (in_h - out_h + 1))
+    centre_x = left + (out_w - 1) / 2 + _shift_pixels(u[DRAW["shift_x"]],
+                                                      aug["width_shift_range"], in_w, xp)
+    centre_y = top + (out_h - 1) / 2 + _shift_pixels(u[DRAW["shift_y"]],
+                                                     aug["height_shift_range"], in_h, xp)
     out_cx, out_cy = (out_w - 1) / 2, (out_h - 1) / 2
-    a, b, c, d = tf.unstack(tf.reshape(linear, [4]))
-    return tf.stack([a, b, centre_x - a * out_cx - b * out_cy,
-                     c, d, centre_y - c * out_cx - d * out_cy, 0.0, 0.0])
+    coefficients = [a, b, centre_x - a * out_cx - b * out_cy,
+                    c, d, centre_y - c * out_cx - d * out_cy, 0.0, 0.0]
+    return xp.stack([xp.asarray(value, dtype="float32") for value in coefficients])
 
 
-def _resample(pixels, transform, out_size, interpolation, fill_mode):
-    return tf.raw_ops.ImageProjectiveTransformV3(
-        images=pixels[None], transforms=transform[None], output_shape=tf.constant(out_size),
-        fill_value=0.0, interpolation=interpolation, fill_mode=fill_mode.upper())[0]
-
-
-def perturb_pair(image, mask, seed, aug, out_size):
-    """(image, mask) cropped to out_size and perturbed by one draw: image bilinear float32 in
-    0..255, mask nearest so its values stay exactly the input's class numbers."""
-    in_size = tf.unstack(tf.shape(image)[:2])
-    transform_seed, brightness_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    transform = perturbation_transform(transform_seed, aug, in_size, out_size)
-    image = _resample(tf.cast(image, tf.float32), transform, out_size, "BILINEAR", aug["fill_mode"])
-    mask = _resample(mask, transform, out_size, "NEAREST", aug["fill_mode"])
-    if aug["brightness_range"] != (1.0, 1.0):
-        factor = _uniform(brightness_seed, *aug["brightness_range"])
-        image = tf.clip_by_value(image * factor, 0, 255)
-    return image, mask
+def brightness_factor(u, aug):
+    """The factor multiplying the image (never the mask), from the element's draws."""
+    return _between(u[DRAW["brightness"]], *aug["brightness_range"])
 
 
 # ---------------------------------------------------------------------------------------------
-# tf.data pipelines
+# Resampling in NumPy, as TensorFlow's ImageProjectiveTransformV3 computes it
 
 
-def _flat_store(arrays):
-    """All arrays in one flat uint8 tensor with each one's offset and shape, so images of
-    different sizes share one in-memory cache that a tf.data map can index."""
-    offsets = np.cumsum([0] + [a.size for a in arrays[:-1]]).astype(np.int64)
-    shapes = np.array([a.shape if a.ndim == 3 else (*a.shape, 1) for a in arrays], np.int64)
-    flat = np.concatenate([a.ravel() for a in arrays])
-    return tf.constant(flat), tf.constant(offsets), tf.constant(shapes)
+def _mapped(coordinate, length, fill_mode):
+    """Input coordinates outside 0..length-1 mapped inside by the fill mode, step by step as
+    TensorFlow's image_ops.h MapCoordinate does (its seams included); constant leaves them
+    outside, where they read 0."""
+    if fill_mode == "constant":
+        return coordinate
+    if length <= 1:
+        return np.zeros_like(coordinate)
+    c, last = coordinate, length - 1
+    if fill_mode == "reflect":                   # d c b a | a b c d | d c b a
+        period = 2 * length
+        low = period * np.trunc(-c / period) + c
+        low = np.where(low < -length, low + period, -low - 1)
+        high = c - period * np.trunc(c / period)
+        high = np.where(high >= length, period - high - 1, high)
+        c = np.where(c < 0, low, np.where(c > last, high, c))
+    elif fill_mode == "wrap":                    # a b c d | a b c d | a b c d
+        c = np.where(c < 0, c + length * (np.trunc(-c / last) + 1),
+                     np.where(c > last, c - length * np.trunc(c / last), c))
+    return np.clip(c, 0, last).astype(np.float32)
 
 
-def _fetch(store, index):
-    flat, offsets, shapes = store
-    shape = shapes[index]
-    return tf.reshape(flat[offsets[index]:offsets[index] + tf.reduce_prod(shape)], shape)
+def _read(pixels, rows, cols):
+    """pixels[rows, cols] where inside the image, 0 outside (the constant fill)."""
+    height, width = pixels.shape[:2]
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    values = pixels[np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)]
+    return np.where(inside[..., None], values, 0)
+
+
+def resample(pixels, transform, out_size, interpolation, fill_mode):
+    """(h, w, C) float32: `pixels` (H, W, C) read through the projective `transform` (output
+    pixel to input pixel), bilinear or nearest; what ImageProjectiveTransformV3 returns."""
+    a0, a1, a2, b0, b1, b2, c0, c1 = np.asarray(transform, np.float32)
+    rows, cols = np.mgrid[0:out_size[0], 0:out_size[1]].astype(np.float32)
+    projection = c0 * cols + c1 * rows + np.float32(1)
+    x = _mapped((a0 * cols + a1 * rows + a2) / projection, pixels.shape[1], fill_mode)
+    y = _mapped((b0 * cols + b1 * rows + b2) / projection, pixels.shape[0], fill_mode)
+    pixels = pixels.astype(np.float32)
+    if interpolation == "nearest":
+        # C's round: halves away from zero, as TensorFlow's kernel rounds
+        nearest = lambda v: (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)
+        return _read(pixels, nearest(y), nearest(x))
+    x0, y0 = np.floor(x), np.floor(y)
+    wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    top = (1 - wx) * _read(pixels, y0, x0) + wx * _read(pixels, y0, x0 + 1)
+    bottom = (1 - wx) * _read(pixels, y0 + 1, x0) + wx * _read(pixels, y0 + 1, x0 + 1)
+    return ((1 - wy) * top + wy * bottom).astype(np.float32)
+
+
+def perturb_pair(image, mask, u, aug, out_size):
+    """(image, mask) cropped to out_size and perturbed by one element's draws `u`: image
+    bilinear float32 in 0..255, mask (H, W, 1) nearest, so its values stay exactly the input's
+    class numbers."""
+    transform = perturbation_transform(u, aug, image.shape[:2], out_size)
+    out_image = resample(image, transform, out_size, "bilinear", aug["fill_mode"])
+    out_mask = resample(mask, transform, out_size, "nearest", aug["fill_mode"])
+    if aug["brightness_range"] != (1.0, 1.0):
+        out_image = np.clip(out_image * np.float32(brightness_factor(u, aug)), 0, 255)
+    return out_image, out_mask
+
+
+def draws(seed, position):
+    """The DRAWS uniform numbers of element `position` of the stream of `seed` (NumPy)."""
+    return np.random.default_rng([seed, position]).random(len(DRAWS)).astype(np.float32)
+
+
+def pass_order(count, images, seed, pass_index):
+    """The image of every element of one pass: each image `count` times, in an order shuffled
+    by (seed, pass)."""
+    return np.random.default_rng([seed, pass_index, 1]).permutation(
+        np.arange(images * count) % images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
 
 
 def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None, start_step=0):
-    """Endless batches of (image float32 0..255 (B, h, w, 3), mask float32 (B, h, w, 1)).
+    """Endless batches of (image float32 0..255 (B, h, w, 3), mask float32 (B, h, w, 1)), from
+    optimizer step `start_step` on: a tf.data dataset under TensorFlow, a Keras PyDataset
+    otherwise.
 
     Each pass over the training set shows every image `count` times in an order shuffled by
-    (seed, pass); element k of the stream is perturbed with seed (seed, k). Starting at
+    (seed, pass); element k of the stream is perturbed with the draws of (seed, k). Starting at
     `start_step` continues a run exactly where it stopped.
     """
+    import keras
     out_size = train_sample_size(images, crop, aug)
-    image_store, mask_store = _flat_store(images), _flat_store(masks)
+    if keras.backend.backend() == "tensorflow":
+        return _tf_dataset(images, masks, batch_size, aug, seed, count, out_size, start_step)
+    return _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_step)
+
+
+def _element_images(position, images, count, seed):
+    per_pass = len(images) * count
+    return int(pass_order(count, len(images), seed, position // per_pass)[position % per_pass])
+
+
+def _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_step):
+    import keras
+    masks = [mask[..., None] if mask.ndim == 2 else mask for mask in masks]
+
+    class NumpyStream(keras.utils.PyDataset):
+        """Batch i is optimizer step start_step + i; endless, prepared by STREAM_WORKERS
+        threads in order, so the stream is the same whatever their timing."""
+
+        def __init__(self):
+            super().__init__(workers=STREAM_WORKERS)
+
+        @property
+        def num_batches(self):
+            return None
+
+        def __getitem__(self, index):
+            first = (start_step + index) * batch_size
+            pairs = []
+            for position in range(first, first + batch_size):
+                which = _element_images(position, images, count, seed)
+                pairs.append(perturb_pair(images[which], masks[which], draws(seed, position),
+                                          aug, out_size))
+            return (np.stack([image for image, _ in pairs]),
+                    np.stack([mask for _, mask in pairs]))
+
+    return NumpyStream()
+
+
+def _tf_dataset(images, masks, batch_size, aug, seed, count, out_size, start_step):
+    import tensorflow as tf
+    tf_math = SimpleNamespace(where=tf.where, floor=tf.math.floor, round=tf.math.round,
+                              cos=tf.math.cos, sin=tf.math.sin, stack=tf.stack,
+                              asarray=lambda value, dtype: tf.cast(value, dtype))
+    image_store, mask_store = _flat_store(images, tf), _flat_store(masks, tf)
     per_pass = len(images) * count
     first = start_step * batch_size
 
@@ -139,8 +234,16 @@ def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None
         return tf.data.Dataset.from_tensor_slices((order, positions))
 
     def element(index, position):
-        image, mask = perturb_pair(_fetch(image_store, index), _fetch(mask_store, index),
-                                   tf.stack([tf.constant(seed, tf.int64), position]), aug, out_size)
+        image, mask = _fetch(image_store, index, tf), _fetch(mask_store, index, tf)
+        u = tf.random.stateless_uniform([len(DRAWS)], seed=tf.stack([
+            tf.constant(seed, tf.int64), position]))
+        in_size = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
+        transform = perturbation_transform(u, aug, in_size, out_size, xp=tf_math)
+        image = _tf_resample(tf.cast(image, tf.float32), transform, out_size, "BILINEAR",
+                             aug["fill_mode"])
+        mask = _tf_resample(mask, transform, out_size, "NEAREST", aug["fill_mode"])
+        if aug["brightness_range"] != (1.0, 1.0):
+            image = tf.clip_by_value(image * brightness_factor(u, aug), 0, 255)
         image.set_shape((*out_size, images[0].shape[-1]))
         mask.set_shape((*out_size, 1))
         return image, tf.cast(mask, tf.float32)
@@ -151,6 +254,40 @@ def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None
             .map(element, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size, drop_remainder=True)
             .prefetch(tf.data.AUTOTUNE))
+
+
+def _tf_resample(pixels, transform, out_size, interpolation, fill_mode):
+    import tensorflow as tf
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=pixels[None], transforms=tf.cast(transform, tf.float32)[None],
+        output_shape=tf.constant(out_size), fill_value=0.0, interpolation=interpolation,
+        fill_mode=fill_mode.upper())[0]
+
+
+def _flat_store(arrays, tf):
+    """All arrays in one flat uint8 tensor with each one's offset and shape, so images of
+    different sizes share one in-memory cache that a tf.data map can index."""
+    offsets = np.cumsum([0] + [a.size for a in arrays[:-1]]).astype(np.int64)
+    shapes = np.array([a.shape if a.ndim == 3 else (*a.shape, 1) for a in arrays], np.int64)
+    flat = np.concatenate([a.ravel() for a in arrays])
+    return tf.constant(flat), tf.constant(offsets), tf.constant(shapes)
+
+
+def _fetch(store, index, tf):
+    flat, offsets, shapes = store
+    shape = shapes[index]
+    return tf.reshape(flat[offsets[index]:offsets[index] + tf.reduce_prod(shape)], shape)
+
+
+def validation_batches(x, y, batch_size):
+    """The validation arrays in batches, as the backend's fit reads them best: a tf.data
+    dataset under TensorFlow (split over replicas like the training stream), else (x, y) and
+    the batch size for Keras to batch."""
+    import keras
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size), None
+    return (x, y), batch_size
 
 
 def validation_arrays(images, masks, multiple):

@@ -1,19 +1,14 @@
-"""Prediction and what follows it: loading a saved model, full-size prediction with test-time
-augmentation, the decision threshold (decided in one place), evaluation tables, the validation
-report, the test masks with the Kaggle CSV, and the PNG outputs of a run.
+"""Prediction and what follows it: full-size prediction with test-time augmentation, the
+decision threshold (decided in one place), evaluation tables, the validation report, the test
+masks with the Kaggle CSV, and the PNG outputs of a run. Models are read by model_cil, exported
+by export_cil, and TensorBoard's files written by board_cil.
 """
 
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import click
 import numpy as np
-import tensorflow as tf
 
 from data_cil import read_image, write_atomically, write_png
 from losses_cil import evaluation_metrics
@@ -443,110 +438,3 @@ def cross_validation_report(folder, folds, settings):
                        f"{PIXEL_THRESHOLD}/{FOREGROUND_THRESHOLD}"))
         report["tuned"] = tuned
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# Models that travel without this code
-
-
-ONNX_FILE = "model.onnx"      # in the export folder, when tf2onnx is installed
-ONNX_OPSET = 17               # run by ONNX Runtime 1.14 (2023) and later
-_FLOAT_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, "images")
-
-
-class _Serving(tf.Module):
-    """The model with what prediction does around it: images of any size are reflect-padded to
-    what the model accepts, predicted, and cropped back; uint8 or float 0..255 pixels in,
-    probabilities out."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.multiple = required_multiple(model)
-
-    def _predict(self, images):
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        # (m - h % m) % m, not -h % m: ONNX's Mod of a negative number keeps its sign
-        padding = [[0, 0], [0, (self.multiple - height % self.multiple) % self.multiple],
-                   [0, (self.multiple - width % self.multiple) % self.multiple], [0, 0]]
-        padded = tf.pad(tf.cast(images, tf.float32), padding, mode="SYMMETRIC")
-        return {"probabilities": self.model(padded, training=False)[:, :height, :width, :]}
-
-    @tf.function(input_signature=[_FLOAT_IMAGES])
-    def serve_float(self, images):
-        return self._predict(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, "images")])
-    def serve_uint8(self, images):
-        return self._predict(images)
-
-
-def export_saved_model(model, folder):
-    """Write `folder` as a TensorFlow SavedModel that loads with `tf.saved_model.load` alone:
-    signatures serving_default (float32 pixels 0..255) and serving_uint8, each taking a batch
-    (N, H, W, 3) of any H and W and returning {"probabilities": (N, H, W, classes)}. Where
-    tf2onnx is installed, serving_default also goes into ONNX_FILE, for ONNX Runtime without
-    TensorFlow. Written beside and renamed into place, so a kill leaves no half export; an
-    earlier export of the run (a resumed run exports its new best model) is replaced whole.
-
-    Returns (folder, why ONNX_FILE is missing, or None)."""
-    folder = Path(folder)
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
-    serving = _Serving(model)
-    try:
-        tf.saved_model.save(serving, str(partial), signatures={
-            "serving_default": serving.serve_float.get_concrete_function(),
-            "serving_uint8": serving.serve_uint8.get_concrete_function()})
-        no_onnx = write_onnx(partial)
-        if folder.exists():
-            os.replace(folder, replaced)
-        os.replace(partial, folder)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(replaced, ignore_errors=True)
-    return folder, no_onnx
-
-
-def write_onnx(saved_model):
-    """Convert the SavedModel's serving_default into ONNX_FILE beside it with tf2onnx's
-    command line; None when done, else why not. Converting the saved graph, not the live
-    function, makes every constant a model captured (EfficientNet's input normalisation) part
-    of the ONNX graph instead of an input it asks for."""
-    if importlib.util.find_spec("tf2onnx") is None:
-        return "tf2onnx is not installed; pip install -r requirements-onnx.txt for one"
-    converted = subprocess.run(
-        [sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model),
-         "--signature_def", "serving_default", "--opset", str(ONNX_OPSET),
-         "--output", str(Path(saved_model) / ONNX_FILE)], capture_output=True, text=True)
-    if converted.returncode:
-        last = (converted.stderr.strip().splitlines() or ["no message"])[-1]
-        return f"tf2onnx failed: {last}"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorBoard's HParams view
-
-
-def hparam_value(value):
-    """A setting as HParams shows it: numbers, text and booleans as they are, others as text."""
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return " ".join(f"{key}={hparam_value(item)}" for key, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(item) for item in value)
-    return str(value)
-
-
-def log_hparams(folder, settings, names, metrics):
-    """The run's settings `names` and its final metrics in the run folder, so `tensorboard
-    --logdir` over several runs (a grid's folder) shows them as one sortable table."""
-    from tensorboard.plugins.hparams import api as hp
-    hparams = {name: hparam_value(settings[name]) for name in names
-               if settings.get(name) is not None}
-    with tf.summary.create_file_writer(str(folder)).as_default():
-        hp.hparams(hparams, trial_id=Path(folder).name)
-        for name, value in metrics.items():
-            tf.summary.scalar(f"final/{name}", value, step=0)

@@ -14,6 +14,7 @@ import functools
 import importlib.metadata
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping
 from datetime import datetime
@@ -157,6 +158,8 @@ RESUME_REFUSED = ("run_name", "logs_dir", "force", "from_run", "weights", "fold"
 RESUME_PREDICTS = ("tta", "threshold", "patch_threshold", "tile", "overlap", "export")
 CONFIG_EXCLUDED = ("config", "resume", "force")   # decided per call, never read from a file
 ENV_PREFIX = "CIL"                           # CIL_EPOCHS=5 is --epochs 5
+# Whose versions config.json records; the Keras backend's name is recorded beside them.
+RECORDED_PACKAGES = ("keras", "tensorflow", "jax", "torch", "numpy", "scikit-image", "click")
 
 
 class Option(click.Option):
@@ -879,16 +882,32 @@ def _jsonable(value):
     return value
 
 
+def keras_backend():
+    """The Keras backend of this process: Keras' own answer once it is imported (a run has
+    imported it before writing config.json), else what KERAS_BACKEND asks for."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def installed_version(name):
+    """The installed version of the package `name`, or None where it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def config_record(settings, run_name):
     """What config.json holds: every resolved setting, where each came from, and what
     reproduces the run (command line, start time, library versions)."""
-    versions = {name: importlib.metadata.version(name)
-                for name in ("keras", "tensorflow", "numpy", "scikit-image", "click")}
+    versions = {name: installed_version(name) for name in RECORDED_PACKAGES}
     record = dict(settings=_jsonable({**settings, "run_name": run_name}),
                   sources={**settings.sources, "run_name": settings.sources.get("run_name",
                                                                                 "generated")},
                   command=" ".join(sys.argv), started=datetime.now().isoformat(timespec="seconds"),
-                  host=host_name(), versions=versions)
+                  host=host_name(), backend=keras_backend(),
+                  versions={name: version for name, version in versions.items() if version})
     if settings.encoder and not settings.weights:
         record["encoder_weights"] = weights_record(settings.encoder_weights)
     return record

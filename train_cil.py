@@ -16,8 +16,8 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from board_cil import EventWriter, epoch_scalars, png_image
 from data_cil import write_atomically
 from model_cil import encoder_layer, save_model
 from predict_cil import render_mask
@@ -164,6 +164,15 @@ def stop_on_signals():
             signal.signal(number, handler)
 
 
+def synced(model):
+    """`model` with its variables current: under JAX, fit keeps them outside the model until
+    an epoch ends (Keras' JAX trainer), and a checkpoint within an epoch needs them."""
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+    return model
+
+
 class RunCheckpoint(keras.callbacks.Callback):
     """Best model, early stopping and resumable state of a run, in one place because all three
     share the 'best so far' and must survive a kill together.
@@ -226,6 +235,7 @@ class RunCheckpoint(keras.callbacks.Callback):
                                    self.run_dir)
         if not _stop_requested.is_set():
             return
+        synced(self.model)
         step = int(self.model.optimizer.iterations.numpy()) - self._epoch * self.steps_per_epoch
         # after an epoch's last batch, the stop waits for its end (validation, history row,
         # checkpoint): a checkpoint there would skip what the epoch's end writes
@@ -255,13 +265,30 @@ class RunCheckpoint(keras.callbacks.Callback):
             raise self._interrupted()
 
 
+class BoardScalars(keras.callbacks.Callback):
+    """Every epoch's metrics as TensorBoard scalars in <run>/train and <run>/validation, as
+    Keras' TensorBoard callback named them, under every backend (board_cil)."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.writers = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for folder, values in epoch_scalars(logs).items():
+            if values:
+                if folder not in self.writers:
+                    self.writers[folder] = EventWriter(self.run_dir / folder)
+                self.writers[folder].write(epoch, values)
+
+
 class ImagePanel(keras.callbacks.Callback):
     """A TensorBoard image of validation images, image | truth | prediction, every few epochs
     and at the run's last epoch (its planned last, or the one early stopping ends on)."""
 
     def __init__(self, run_dir, images, masks, classes, *, epochs, every=PANEL_EVERY):
         super().__init__()
-        self.writer = tf.summary.create_file_writer(str(path(run_dir, "panels")))
+        self.writer = EventWriter(path(run_dir, "panels"))
         self.images, self.masks, self.classes = images, masks, classes
         self.epochs, self.every = epochs, every
         self._unwritten = None        # the last epoch ended, when it has no panel yet
@@ -276,13 +303,14 @@ class ImagePanel(keras.callbacks.Callback):
             self.write(self._unwritten)
 
     def write(self, epoch):
-        probabilities = self.model.predict_on_batch(np.stack(self.images).astype(np.float32))
-        rows = [np.concatenate([image / 255, render_mask(mask, self.classes) / 255,
-                                render_mask(prob, self.classes) / 255], axis=1)
-                for image, mask, prob in zip(self.images, self.masks, probabilities)]
-        with self.writer.as_default():
-            tf.summary.image("validation: image | truth | prediction", np.stack(rows),
-                             step=epoch, max_outputs=len(rows))
+        probabilities = np.asarray(self.model.predict_on_batch(
+            np.stack(self.images).astype(np.float32)))
+        self.writer.write(epoch, [
+            png_image(f"validation: image | truth | prediction/{index}",
+                      np.concatenate([image / 255, render_mask(mask, self.classes) / 255,
+                                      render_mask(prob, self.classes) / 255], axis=1))
+            for index, (image, mask, prob) in enumerate(zip(self.images, self.masks,
+                                                            probabilities))])
         self._unwritten = None
 
 
@@ -335,7 +363,7 @@ def run_callbacks(run_dir, *, checkpoint, epochs, panel=None, schedule="constant
     RunCheckpoint last: a checkpoint then holds everything the epoch changed (history row,
     learning rate), and a resume trims history rows it redoes."""
     callbacks = [keras.callbacks.CSVLogger(str(path(run_dir, "history")), append=True),
-                 keras.callbacks.TensorBoard(str(run_dir), write_graph=False)]
+                 BoardScalars(run_dir)]
     if progress == "bar":
         callbacks.append(RunProgressBar(epochs))
     elif progress == "lines":
@@ -367,10 +395,12 @@ def set_encoder_phase(model, frozen):
     if encoder is None:
         return
     encoder.trainable = True
-    if isinstance(model.optimizer, _SlowerEncoder):
-        if not model.optimizer.built:       # state for every variable, frozen or not
-            model.optimizer.build(model.trainable_variables)
-        model.optimizer.set_encoder(encoder)
+    # mixed float16 wraps the optimizer in a LossScaleOptimizer: the slower one is inside
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if isinstance(optimizer, _SlowerEncoder):
+        if not optimizer.built:             # state for every variable, frozen or not
+            optimizer.build(model.trainable_variables)
+        optimizer.set_encoder(encoder)
     encoder.trainable = not frozen
     model.make_train_function(force=True)
 
@@ -378,7 +408,8 @@ def set_encoder_phase(model, frozen):
 def fit(model, train_data_from, valid_data, *, epochs, steps_per_epoch, callbacks, checkpoint,
         state=None, verbose=1, freeze_epochs=0):
     """Train to `epochs`, continuing from `state` (a read_state dict) when resuming; a
-    pretrained encoder stays frozen for the first `freeze_epochs`.
+    pretrained encoder stays frozen for the first `freeze_epochs`. `valid_data` is (data,
+    batch size for Keras to batch it, or None) as pipeline_cil.validation_batches gives it.
 
     `train_data_from(step)` returns the training stream starting at that optimizer step. An
     epoch interrupted mid-way is first completed on its own, so epoch boundaries, and with them
@@ -402,7 +433,7 @@ def fit(model, train_data_from, valid_data, *, epochs, steps_per_epoch, callback
             break
         set_encoder_phase(model, frozen=first < freeze_epochs)
         start = int(model.optimizer.iterations.numpy())
-        model.fit(train_data_from(start), validation_data=valid_data, initial_epoch=first,
-                  epochs=last, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-                  verbose=verbose)
+        model.fit(train_data_from(start), validation_data=valid_data[0],
+                  validation_batch_size=valid_data[1], initial_epoch=first, epochs=last,
+                  steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=verbose)
     return checkpoint

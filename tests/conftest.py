@@ -15,18 +15,24 @@ import skimage.io
 from click.testing import CliRunner
 
 from data_cil import write_synthetic_dataset
-from main_cil import import_tensorflow, main
+from devices_cil import start_backend
+from main_cil import main
 from runs_cil import own_folder
 from settings_cil import Settings, config_record, resolve_settings
 
 # quiet: TensorFlow's C++ start-up lines would pass the capture of pytest-xdist's workers.
 # That sets TF_QUIET, as main_cil.py does; jobs a test starts are given an environment
 # without it, so their quiet logs show the tool quieting TensorFlow by itself.
-tf = import_tensorflow()
+BACKEND = start_backend()
 TF_QUIET = "TF_CPP_MIN_LOG_LEVEL"
-_cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-tf.config.experimental.enable_op_determinism()
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    tf.config.experimental.enable_op_determinism()
+# What only TensorFlow has: tf.data, SavedModel export, MirroredStrategy, the fused batch norm.
+needs_tensorflow = pytest.mark.skipif(BACKEND != "tensorflow",
+                                      reason=f"TensorFlow only; KERAS_BACKEND is {BACKEND}")
 
 REPO = Path(__file__).resolve().parents[1]
 # The smallest training main_cil.py runs in a few seconds on the 64x64 road_dir images.

@@ -1,12 +1,17 @@
-"""Paired perturbations: image and mask move together, masks stay binary, runs repeat exactly."""
+"""Paired perturbations: image and mask move together, masks stay binary, runs repeat exactly;
+one definition, and the tf.data executor resamples exactly as the NumPy one."""
+
+import itertools
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+import pipeline_cil
 from data_cil import InputError
-from pipeline_cil import perturb_pair, perturbation_transform, training_dataset
-from settings_cil import AUG_NEUTRAL, NO_PERTURBATION, aug_overrides, resolve_aug
+from pipeline_cil import (DRAWS, draws, perturb_pair, perturbation_transform, resample,
+                          training_dataset)
+from settings_cil import AUG_NEUTRAL, FILL_MODES, NO_PERTURBATION, aug_overrides, resolve_aug
+from tests.conftest import needs_tensorflow
 
 EVERYTHING = dict(rotation_range=40, width_shift_range=0.1, height_shift_range=3,
                   zoom_range=0.2, shear_range=10, horizontal_flip=True, vertical_flip=True,
@@ -27,9 +32,9 @@ def blobs(size=48, seed=0):
 
 
 def perturbed(image, mask, aug, position, out_size=(32, 32)):
-    out_image, out_mask = perturb_pair(image, mask[..., None], tf.constant([7, position], tf.int64),
+    out_image, out_mask = perturb_pair(image, mask[..., None], draws(7, position),
                                        resolve_aug(aug), out_size)
-    return out_image.numpy(), out_mask.numpy()[..., 0]
+    return out_image, out_mask[..., 0]
 
 
 @pytest.mark.parametrize("position", range(12))
@@ -42,10 +47,8 @@ def test_grid_transforms_and_crops_move_image_and_mask_identically(position):
 def reference_mask(mask, position, aug, out_size=(32, 32)):
     """The perturbed mask computed independently: each output pixel looks up the input pixel
     its transform names (nearest, borders reflected as numpy's 'symmetric')."""
-    transform_seed = tf.random.experimental.stateless_split(tf.constant([7, position], tf.int64),
-                                                            2)[0]
-    a0, a1, a2, b0, b1, b2, _, _ = perturbation_transform(
-        transform_seed, resolve_aug(aug), mask.shape, out_size).numpy()
+    a0, a1, a2, b0, b1, b2, _, _ = perturbation_transform(draws(7, position), resolve_aug(aug),
+                                                          mask.shape, out_size)
     rows, cols = np.mgrid[0:out_size[0], 0:out_size[1]]
     x = np.floor(a0 * cols + a1 * rows + a2 + 0.5).astype(int)
     y = np.floor(b0 * cols + b1 * rows + b2 + 0.5).astype(int)
@@ -102,9 +105,8 @@ def test_the_same_seed_and_position_repeat_and_others_differ():
 
 def test_no_aug_is_a_plain_crop():
     image = np.arange(40 * 40 * 3).reshape(40, 40, 3).astype(np.uint8)
-    seed = tf.constant([0, 0], tf.int64)
-    out, _ = perturb_pair(image, image[..., :1], seed, NO_PERTURBATION, (40, 40))
-    assert np.array_equal(out.numpy(), image)
+    out, _ = perturb_pair(image, image[..., :1], draws(0, 0), NO_PERTURBATION, (40, 40))
+    assert np.array_equal(out, image)
 
 
 def test_overrides_are_typed_and_checked():
@@ -122,26 +124,43 @@ def test_overrides_are_typed_and_checked():
     assert set(resolve_aug({})) == set(AUG_NEUTRAL)
 
 
-def test_training_stream_has_static_shapes_binary_masks_and_resumes_exactly():
+EXECUTORS = ["numpy", pytest.param("tf.data", marks=needs_tensorflow)]
+
+
+def stream(executor, images, masks, **options):
+    """Batches of training_dataset's stream as NumPy arrays, from the executor named."""
+    options = dict(dict(aug=NO_PERTURBATION, seed=0), **options)
+    if executor == "numpy":
+        out_size = pipeline_cil.train_sample_size(images, options.pop("crop", None),
+                                                  options["aug"])
+        data = pipeline_cil._numpy_stream(images, masks, options.pop("batch_size"),
+                                          options["aug"], options["seed"],
+                                          options.get("count", 1), out_size,
+                                          options.get("start_step", 0))
+        return (data[index] for index in itertools.count())
+    options["crop"] = options.get("crop")
+    return ((x.numpy(), y.numpy()) for x, y in training_dataset(images, masks, **options))
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_training_stream_has_static_shapes_binary_masks_and_resumes_exactly(executor):
     images = [np.dstack([blobs(seed=s) * 255] * 3) for s in range(3)]
     masks = [blobs(seed=s) for s in range(3)]
-    stream = training_dataset(images, masks, batch_size=2, aug=resolve_aug(EVERYTHING),
-                              seed=5, count=2, crop=32)
-    batches = [b for b in stream.take(4)]
+    options = dict(batch_size=2, aug=resolve_aug(EVERYTHING), seed=5, count=2, crop=32)
+    batches = list(itertools.islice(stream(executor, images, masks, **options), 4))
     x, y = batches[0]
     assert x.shape == (2, 32, 32, 3) and y.shape == (2, 32, 32, 1)
-    assert x.dtype == tf.float32 and set(np.unique(y)) <= {0.0, 1.0}
-    resumed = next(iter(training_dataset(images, masks, batch_size=2,
-                                         aug=resolve_aug(EVERYTHING), seed=5, count=2,
-                                         crop=32, start_step=3)))
+    assert x.dtype == np.float32 and set(np.unique(y)) <= {0.0, 1.0}
+    resumed = next(stream(executor, images, masks, start_step=3, **options))
     assert np.array_equal(resumed[0], batches[3][0]) and np.array_equal(resumed[1], batches[3][1])
 
 
-def test_each_pass_shows_every_image_count_times():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_each_pass_shows_every_image_count_times(executor):
     images = [np.full((16, 16, 3), value, np.uint8) for value in (10, 20, 30)]
     masks = [np.zeros((16, 16), np.uint8)] * 3
-    stream = training_dataset(images, masks, batch_size=3, aug=NO_PERTURBATION, seed=0, count=2)
-    first_pass = np.concatenate([x[:, 0, 0, 0].numpy() for x, _ in stream.take(2)])
+    batches = stream(executor, images, masks, batch_size=3, count=2)
+    first_pass = np.concatenate([x[:, 0, 0, 0] for x, _ in itertools.islice(batches, 2)])
     assert sorted(first_pass) == [10, 10, 20, 20, 30, 30]
 
 
@@ -151,11 +170,46 @@ def test_a_crop_larger_than_the_images_is_refused():
                          batch_size=1, aug=NO_PERTURBATION, seed=0, crop=64)
 
 
-def test_images_of_several_sizes_need_a_crop():
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_images_of_several_sizes_need_a_crop(executor):
     images = [np.zeros((16, 16, 3), np.uint8), np.zeros((24, 24, 3), np.uint8)]
     masks = [np.zeros(i.shape[:2], np.uint8) for i in images]
     with pytest.raises(InputError, match="differ in size.*pass --crop"):
         training_dataset(images, masks, batch_size=1, aug=NO_PERTURBATION, seed=0)
-    dataset = training_dataset(images, masks, batch_size=2, aug=NO_PERTURBATION, seed=0, crop=16)
-    x, _ = next(iter(dataset))
+    x, _ = next(stream(executor, images, masks, batch_size=2, crop=16))
     assert x.shape == (2, 16, 16, 3)
+
+
+@needs_tensorflow
+@pytest.mark.parametrize("fill_mode", FILL_MODES)
+def test_tensorflow_resamples_exactly_as_the_numpy_definition(fill_mode):
+    """The same draws through both executors: the same transform, the same pixels (the image
+    to float rounding, the mask exactly), every fill mode, far outside the image too."""
+    import tensorflow as tf
+    from types import SimpleNamespace
+    tf_math = SimpleNamespace(where=tf.where, floor=tf.math.floor, round=tf.math.round,
+                              cos=tf.math.cos, sin=tf.math.sin, stack=tf.stack,
+                              asarray=lambda value, dtype: tf.cast(value, dtype))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 37, 3)).astype(np.uint8)
+    mask = rng.integers(0, 3, (40, 37, 1)).astype(np.uint8)
+    aug = resolve_aug(dict(EVERYTHING, zoom_range=0.6, fill_mode=fill_mode))
+    for position in range(20):
+        u = draws(3, position)
+        transform = perturbation_transform(u, aug, (40, 37), (32, 32))
+        in_tf = perturbation_transform(tf.constant(u), aug, (tf.constant(40.0),
+                                                             tf.constant(37.0)), (32, 32),
+                                       xp=tf_math).numpy()
+        assert np.allclose(transform, in_tf, atol=1e-4)
+        for pixels, kind in ((image, "bilinear"), (mask, "nearest")):
+            ours = resample(pixels, transform, (32, 32), kind, fill_mode)
+            theirs = pipeline_cil._tf_resample(tf.cast(pixels, tf.float32), transform,
+                                               (32, 32), kind.upper(), fill_mode).numpy()
+            assert np.allclose(ours, theirs, atol=1e-3) if kind == "bilinear" else \
+                np.array_equal(ours, theirs)
+
+
+def test_the_draws_of_an_element_are_its_own():
+    assert draws(5, 3).shape == (len(DRAWS),) and np.array_equal(draws(5, 3), draws(5, 3))
+    assert not np.array_equal(draws(5, 3), draws(5, 4))
+    assert not np.array_equal(draws(5, 3), draws(6, 3))

@@ -7,7 +7,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import main_cil
 from data_cil import read_image
@@ -19,14 +18,16 @@ from tests.conftest import TINY, cli, make_pair, predicted_alone
 pytestmark = pytest.mark.slow      # each test trains a model end to end
 
 
+def board_events(folder):
+    """What TensorBoard reads from the event files in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0}).Reload()
+
+
 def panel_steps(folder):
     """The epochs of the TensorBoard image panels written to `folder`, as TensorBoard reads them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "images": 0}).Reload()
-    tags = events.Tags()
-    return sorted({event.step for tag in tags["tensors"] + tags["images"]
-                   for event in (events.Tensors(tag) if tag in tags["tensors"]
-                                 else events.Images(tag))})
+    events = board_events(folder)
+    return sorted({event.step for tag in events.Tags()["images"] for event in events.Images(tag)})
 
 
 def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, road_dir):
@@ -53,12 +54,11 @@ def test_training_writes_the_run_folder_validation_outputs_and_table(workdir, ro
     assert config["sources"]["filters"] == "command line" and config["sources"]["lr"] == "default"
     assert "versions" in config and config["settings"]["run_name"] == "t1"
     assert not (run / "lock").exists()                  # released when the run ended
-    tags = {value.tag: value for path in run.glob("events.out.tfevents*")
-            for event in tf.compat.v1.train.summary_iterator(str(path))
-            for value in event.summary.value}
-    assert "_hparams_/session_start_info" in tags     # TensorBoard's HParams table
-    assert tf.make_ndarray(tags["final/patch_f1"].tensor) == pytest.approx(
-        metrics["valid"]["patch_f1"])
+    events = board_events(run)
+    assert "_hparams_/session_start_info" in events.summary_metadata     # the HParams table
+    assert events.Scalars("final/patch_f1")[0].value == pytest.approx(
+        metrics["valid"]["patch_f1"], abs=1e-6)
+    assert [e.step for e in board_events(run / "validation").Scalars("epoch_f1")] == [0, 1]
 
 
 def test_an_existing_run_is_refused_and_force_replaces_it(workdir, road_dir):

@@ -22,7 +22,7 @@ from data_cil import InputError, train_sample_size
 from model_cil import build_unet
 from runs_cil import open_run, own_folder
 from settings_cil import NO_PERTURBATION, OPTIONS
-from tests.conftest import (TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb, saved_run,
+from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb, saved_run,
                             save)
 
 
@@ -451,3 +451,12 @@ def test_a_dry_run_of_a_new_grid_creates_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "lr-0.1/fold-0 (start): " in result.output
     assert not (tmp_path / "jobs").exists()
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="the tensorflow backend exports")
+def test_export_under_another_backend_is_one_line_before_anything(workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--export")
+    assert result.exit_code == 2
+    one_line_error(result.output, f"--export writes a TensorFlow SavedModel, which the {BACKEND} "
+                                  "backend cannot")
+    assert not (workdir / "logs").exists()

@@ -3,13 +3,13 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from data_cil import InputError
 from losses_cil import (LOSS_FUNCTIONS, METRIC_FORMULAS, SegmentationLoss, SegmentationMetric,
                         auto_class_weights, evaluation_metrics, training_metrics)
 from settings_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss
 from model_cil import build_unet
+from tests.conftest import needs_tensorflow
 
 BINARY_LOSSES = [term for term in LOSS_TERMS] + ["bce+patch_f1", "focal+dice"]
 MULTI_LOSSES = [term for term in LOSS_TERMS if term != "patch_f1"]
@@ -48,8 +48,10 @@ def test_multiclass_losses_near_zero_when_perfect_and_larger_when_worse(spec):
     assert perfect < blurred < wrong
 
 
+@needs_tensorflow
 @pytest.mark.parametrize("spec", BINARY_LOSSES)
 def test_gradients_are_finite_at_predictions_of_exactly_zero_and_one(spec):
+    import tensorflow as tf
     truth = tf.constant(binary_truth())
     for prediction in (truth, 1 - truth):
         prediction = tf.Variable(prediction)

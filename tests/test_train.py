@@ -11,7 +11,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from click.testing import CliRunner
 
 from pipeline_cil import training_dataset
@@ -19,7 +18,7 @@ from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
 from main_cil import main
 from model_cil import build_unet
 from settings_cil import AUG_NEUTRAL, NO_PERTURBATION, resolve_aug
-from tests.conftest import TINY, checkpoint_state, cli, resolved
+from tests.conftest import TINY, checkpoint_state, cli, needs_tensorflow, resolved
 from train_cil import RunCheckpoint, learning_rate, make_optimizer, run_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,9 +61,11 @@ def test_the_global_batch_of_the_recipe_is_split_over_gpus():
 
 
 def two_cpus():
+    import tensorflow as tf
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 
+@needs_tensorflow
 @pytest.mark.slow
 def test_two_replicas_both_get_data_and_stay_equal():
     strategy = two_cpus()
@@ -86,7 +87,9 @@ def test_two_replicas_both_get_data_and_stay_equal():
         assert not np.array_equal(replicas[0], before)
 
 
+@needs_tensorflow
 def test_metrics_sum_their_counts_over_replicas():
+    import tensorflow as tf
     strategy = two_cpus()
     rng = np.random.default_rng(0)
     truth = (rng.random((4, 16, 16, 1)) < 0.4).astype(np.float32)
