@@ -22,8 +22,8 @@ from data_cil import InputError, train_sample_size
 from model_cil import build_unet
 from runs_cil import open_run, own_folder
 from settings_cil import NO_PERTURBATION, OPTIONS
-from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb, saved_run,
-                            save)
+from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb,
+                            save, saved_run)
 
 
 def tree(folder):
