@@ -14,6 +14,8 @@ vocabulary (settings_cil.AUG_NEUTRAL says what each key means).
 """
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,7 +26,11 @@ from data_cil import InputError, train_sample_size
 DRAWS = ("angle", "shear", "zoom_x", "zoom_y", "flip_x", "flip_y", "turn", "left", "top",
          "shift_x", "shift_y", "brightness")
 DRAW = {name: index for index, name in enumerate(DRAWS)}
-STREAM_WORKERS = 4           # threads preparing NumPy batches ahead of the training step
+# The NumPy stream prepares this many batches ahead, each in a thread of its own (NumPy's large
+# array loops run outside the GIL). Its own threads, not Keras' PyDataset workers, whose
+# enqueuer starts its order again at every epoch and would break the stream's (seed, position)
+# keys: with them a resumed run differed from an uninterrupted one (tests/test_backends.py).
+STREAM_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _between(draw, low, high):
@@ -193,26 +199,35 @@ def _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_s
     import keras
     masks = [mask[..., None] if mask.ndim == 2 else mask for mask in masks]
 
+    def batch(step):
+        first = step * batch_size
+        pairs = []
+        for position in range(first, first + batch_size):
+            which = _element_images(position, images, count, seed)
+            pairs.append(perturb_pair(images[which], masks[which], draws(seed, position), aug,
+                                      out_size))
+        return (np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs]))
+
     class NumpyStream(keras.utils.PyDataset):
-        """Batch i is optimizer step start_step + i; endless, prepared by STREAM_WORKERS
-        threads in order, so the stream is the same whatever their timing."""
+        """Batch i is optimizer step start_step + i, endless; the next STREAM_THREADS batches
+        are prepared ahead, each keyed by its step, so timing never changes the stream."""
 
         def __init__(self):
-            super().__init__(workers=STREAM_WORKERS)
+            super().__init__()
+            self.threads = ThreadPoolExecutor(STREAM_THREADS)
+            self.ahead = {}
 
         @property
         def num_batches(self):
             return None
 
         def __getitem__(self, index):
-            first = (start_step + index) * batch_size
-            pairs = []
-            for position in range(first, first + batch_size):
-                which = _element_images(position, images, count, seed)
-                pairs.append(perturb_pair(images[which], masks[which], draws(seed, position),
-                                          aug, out_size))
-            return (np.stack([image for image, _ in pairs]),
-                    np.stack([mask for _, mask in pairs]))
+            for stale in [i for i in self.ahead if i < index]:     # Keras asks in order
+                self.ahead.pop(stale).cancel()
+            for i in range(index, index + STREAM_THREADS):
+                if i not in self.ahead:
+                    self.ahead[i] = self.threads.submit(batch, start_step + i)
+            return self.ahead[index].result()
 
     return NumpyStream()
 
