@@ -293,16 +293,16 @@ def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(data_dir, quick, parts):
-    p = QUICK if quick else FULL
+def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS)):
+    p = dict(QUICK if quick else FULL, **(sizes or {}))
     rows = {}
     if "peak" in parts or "models" in parts:
         dtype = keras.mixed_precision.global_policy().compute_dtype
         peak = matmul_peak(p["side"], p["repeats"], dtype)
         rows["matmul peak"] = dict(gflops=peak / 1e9, of=f"JAX {dtype}" if gpu_kind()
                                    else "numpy float32")
-    for label, options in (MODELS.items() if "models" in parts else ()):
-        options = dict(options)
+    for label in (labels if "models" in parts else ()):
+        options = dict(MODELS[label])
         model = build_model(options.pop("name"), **options)
         flops = forward_flops(model, p["crop"])
         train = training_rate(model, p["crop"], p["batch"], p["train_steps"], p["repeats"])
@@ -340,8 +340,9 @@ def measure(data_dir, quick, parts):
 def markdown(report):
     r = report["results"]
     p = report["settings"]
+    stream = "tf.data" if report["backend"] == "tensorflow" else "NumPy stream"
     lines = []
-    if "unet f=16 (default)" in r:
+    if any("gflops_per_image" in row for row in r.values()):
         peak = r["matmul peak"]["gflops"]
         lines += [f"{report['backend']} on {report['device']}; matmul peak "
                   f"({r['matmul peak']['of']}, {p['side']}x{p['side']}): {peak:.0f} GFLOP/s; "
@@ -362,11 +363,11 @@ def markdown(report):
                   if default else "")
         lines += ["", "| input pipeline | images/s | vs legacy pair | vs default model "
                   "training | distinct mask values |", "|---|---|---|---|---|",
-                  f"| tf.data, default perturbations, {p['crop']}x{p['crop']} crops | "
+                  f"| {stream}, default perturbations, {p['crop']}x{p['crop']} crops | "
                   f"{pipe['crop_images_per_s']:.0f} | "
                   f"{pipe['crop_images_per_s'] / pipe['legacy_images_per_s']:.1f}x | {versus} | "
                   f"{pipe['mask_values']} |",
-                  f"| tf.data, default perturbations, whole images | "
+                  f"| {stream}, default perturbations, whole images | "
                   f"{pipe['full_images_per_s']:.0f} | "
                   f"{pipe['full_images_per_s'] / pipe['legacy_images_per_s']:.1f}x | | |",
                   f"| two ImageDataGenerators, one seed, whole images | "
@@ -406,9 +407,15 @@ def markdown(report):
                    "GPU's is measured in the policy's compute dtype.")
 @click.option("--part", "parts", type=click.Choice(PARTS), multiple=True,
               help=f"What to measure (repeatable) [default: {', '.join(DEFAULT_PARTS)}].")
+@click.option("--side", type=click.IntRange(min=16), help="Side of the model rows' training "
+              f"images [default: {CROP}; quick {QUICK['crop']}].")
+@click.option("--batch", type=click.IntRange(min=1), help="Batch of the model rows' training "
+              f"steps [default: {BATCH_SIZE}; quick {QUICK['batch']}].")
+@click.option("--row", "rows", type=click.Choice(list(MODELS)), multiple=True,
+              help="Only these model rows (repeatable) [default: all].")
 @click.option("--encoder-row", hidden=True)
 @click.option("--tile-row", type=int, hidden=True)
-def main(quick, data_dir, output, policy, parts, encoder_row, tile_row):
+def main(quick, data_dir, output, policy, parts, side, batch, rows, encoder_row, tile_row):
     """Measure training, inference and input speed against the machine's peak."""
     if encoder_row or tile_row:                     # one row, in its own process
         p = QUICK if quick else FULL
@@ -418,7 +425,9 @@ def main(quick, data_dir, output, policy, parts, encoder_row, tile_row):
     with one_line_errors():
         check_output_path(output, force=True)      # before minutes of measuring, not after
     keras.mixed_precision.set_global_policy(policy)
-    report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS), policy=policy)
+    sizes = {key: value for key, value in (("crop", side), ("batch", batch)) if value}
+    report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS, sizes, rows or list(MODELS)),
+                  policy=policy)
     click.echo(markdown(report))                    # shown even if writing it fails
     with one_line_errors():
         write_json(output, report)
