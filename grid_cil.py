@@ -278,23 +278,22 @@ def scheduler_state(submitted):
 
 
 def job_status(folder):
-    """pending or running (the queue's answer comes first: a requeued job may still hold its
-    earlier exit code), finished, failed (exit N), submitted (no scheduler to ask here), lost
-    (the scheduler no longer runs it, and it left no exit code), or not submitted."""
-    submitted = read_json(Path(folder) / SUBMITTED, SUBMITTED_FIX)
-    queued = scheduler_state(submitted) if submitted and submitted.get("job_id") else None
+    """pending or running (for a scheduler's job the queue's answer comes first: a requeued job
+    may still hold its earlier exit code), finished, failed (exit N), submitted (no scheduler
+    to ask from here), lost (no longer run, and no exit code left), or not submitted."""
+    submitted = read_json(Path(folder) / SUBMITTED, SUBMITTED_FIX) or {}
+    scheduled = bool(submitted.get("job_id")) and submitted.get("scheduler") in SUBMITTERS
+    queued = scheduler_state(submitted) if scheduled else None
     if queued in ("pending", "running"):
         return queued
     code = read_exit_code(folder)
     if code is not None:
         return "finished" if code == 0 else f"failed (exit {code})"
-    if queued:
-        return queued                                      # submitted: cannot ask from here
-    if submitted and submitted.get("job_id"):
-        return "lost"
+    if scheduled:
+        return queued or "lost"
     if lock_owner(folder) or (submitted and process_alive(submitted)):
-        return "running"                                   # or being submitted right now
-    return "not submitted"
+        return "running"                     # here, or being submitted by a live grid call
+    return "lost" if submitted.get("job_id") else "not submitted"
 
 
 def claim(folder, scheduler):

@@ -130,6 +130,17 @@ def road_mask(size=32):
     return mask
 
 
+@pytest.fixture(scope="session", autouse=True)
+def the_repository_stays_as_it_was():
+    """No test writes runs or outputs into the project's own data/, logs/ or jobs/."""
+    def listing():
+        return sorted(str(path) for name in ("data", "logs", "jobs")
+                      for path in (REPO / name).rglob("*"))
+    before = listing()
+    yield
+    assert listing() == before, "a test wrote into the repository's data/, logs/ or jobs/"
+
+
 @pytest.fixture
 def road_dir(tmp_path):
     """8 synthetic 64x64 road pairs and 2 test images in the CIL layout."""

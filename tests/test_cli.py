@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-import main_cil
+import devices_cil
 from data_cil import read_image
 from model_cil import load_saved_model
 from runs_cil import OWNER_FILE
@@ -146,7 +146,7 @@ def float32_after():
 @pytest.mark.parametrize("bfloat16", [True, False], ids=["bf16 CPU", "older CPU"])
 def test_amp_on_the_cpu_trains_in_bfloat16_where_the_cpu_has_it(workdir, road_dir, monkeypatch,
                                                                 float32_after, bfloat16):
-    monkeypatch.setattr(main_cil, "cpu_has_bfloat16", lambda: bfloat16)
+    monkeypatch.setattr(devices_cil, "cpu_has_bfloat16", lambda: bfloat16)
     result = cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--amp", "--run-name", "amp")
     assert result.exit_code == 0, result.output
     if bfloat16:

@@ -73,7 +73,7 @@ def test_a_cpu_grid_runs_on_slurm_with_default_resources(tmp_path, road_dir):
         assert job_status(folder) == "finished", (folder / "stderr").read_text()
         assert (folder / "best.keras").is_file() and (folder / "metrics.json").is_file()
         log = (folder / "stdout").read_text()
-        assert "device: CPU, 2 threads" in log and "Epoch 2/2 - " in log
+        assert "device: CPU (tensorflow), 2 threads" in log and "Epoch 2/2 - " in log
         assert not any(character in log for character in "\r\b\x1b")
         assert "I0000" not in (folder / "stderr").read_text()
     assert list((tmp_path / "jobs/cpu/scheduler").glob("slurm-*_1.out"))
@@ -124,6 +124,11 @@ def test_a_requeued_job_waiting_in_the_queue_is_not_submitted_again(tmp_path, ro
         subprocess.run(["scancel", job])
 
 
+def outputs(folder):
+    """The output folders of a run a job starts in the repository: under `folder` instead."""
+    return ["--valid-output-dir", folder / "valid", "--submit-output-dir", folder / "submit"]
+
+
 def script(name, *args, env=None):
     environment = {key: value for key, value in os.environ.items() if key != TF_QUIET}
     return subprocess.run(["bash", f"cluster/{name}", *map(str, args)], cwd=REPO,
@@ -135,7 +140,7 @@ def test_a_single_run_resumes_through_the_documented_cluster_command(tmp_path, r
     logs = tmp_path / "logs"
     words = ["--data-dir", road_dir, "--filters", "4", "--epochs", "8", "--patience", "0",
              *[f"--{key}={value}" for key, value in JOB.items()], "--count", "24",
-             "--run-name", "one", "--logs-dir", logs]
+             "--run-name", "one", "--logs-dir", logs, *outputs(tmp_path)]
     submitted = script("sbatch_train.sh", *words)
     assert submitted.returncode == 0, submitted.stderr
     folder = logs / "one"
@@ -161,7 +166,8 @@ def test_a_single_run_resumes_through_the_documented_cluster_command(tmp_path, r
 def test_a_refused_or_dry_submission_leaves_nothing_and_a_refused_grid_job_is_not_lost(
         tmp_path, road_dir):
     logs = tmp_path / "logs"
-    words = ["--data-dir", road_dir, "--epochs", "1", "--run-name", "gpu", "--logs-dir", logs]
+    words = ["--data-dir", road_dir, "--epochs", "1", "--run-name", "gpu", "--logs-dir", logs,
+             *outputs(tmp_path)]
     refused = script("sbatch_train.sh", *words, env={"GPUS": "1"})   # no GPU in this cluster
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
@@ -187,7 +193,8 @@ def test_a_bare_sbatch_of_the_script_runs_the_run_as_a_job(tmp_path, road_dir):
         ["sbatch", "--parsable", f"--output={tmp_path}/slurm-%j.out", "cluster/sbatch_train.sh",
          "--data-dir", str(road_dir), "--filters", "2", "--epochs", "1",
          *[f"--{key}={value}" for key, value in JOB.items()], "--run-name", "bare",
-         "--logs-dir", str(logs)], cwd=REPO, capture_output=True, text=True,
+         "--logs-dir", str(logs), *map(str, outputs(tmp_path))], cwd=REPO, capture_output=True,
+        text=True,
         env={**environment, "PYTHON": sys.executable})
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
