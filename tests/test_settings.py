@@ -3,6 +3,7 @@ environment, what --resume and --from-run restore, the help, and a command line 
 load TensorFlow until a run starts."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -177,10 +178,42 @@ def test_help_usage_errors_grid_and_converter_never_import_tensorflow(code):
     assert result.stdout.strip().splitlines()[-1] == "False False"
 
 
-def test_a_usage_error_is_click_s_and_quick(workdir):
+def test_a_usage_error_is_one_line_and_quick(workdir):
     result = cli("--epochz", "3")
-    assert result.exit_code == 2 and "No such option '--epochz'" in result.output
-    assert "Did you mean one of: '--depth', '--epochs'" in result.output
+    assert result.exit_code == 2
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: No such option '--epochz'. (Did you "
+                                                   "mean one of: '--depth', '--epochs'")
+
+
+TOOLS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py")
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_takes_h_and_says_a_usage_error_in_one_line(tool):
+    helped = subprocess.run([sys.executable, tool, "-h"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: ")
+    wrong = subprocess.run([sys.executable, tool, "--no-such-option"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and wrong.stdout == ""
+    assert wrong.stderr.splitlines() == ["error: No such option '--no-such-option'."]
+
+
+def test_the_grid_help_shows_the_grid_file_form_and_whole_command_lines():
+    helped = subprocess.run([sys.executable, "grid_cil.py", "-h"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "100"})
+    assert helped.stdout.startswith("Usage: grid_cil.py GRID.json [--scheduler local|lsf|slurm]")
+    assert "record the exit code." in helped.stdout and "..." not in helped.stdout.split(
+        "Commands:")[1]
+
+
+def test_the_encoder_choices_and_the_patch_threshold_read_as_text():
+    text = cli("--help").output
+    assert "--encoder NAME" in text and "[vgg16|" not in text
+    assert "counts as foreground when more than this share of its pixels are foreground" in \
+        " ".join(text.split())
 
 
 def test_bad_option_values_from_the_environment_name_the_variable(workdir, monkeypatch):
