@@ -283,6 +283,7 @@ def tile_row_of(side, quick):
     predict_tiled(model, image, tile=tile, overlap=OVERLAP // 4 if quick else OVERLAP)
     row = dict(tiled_seconds=time.perf_counter() - start, tiled_peak_mib=peak_mib())
     if side <= WHOLE_LIMIT:
+        predict_probabilities(model, image)               # warm-up: traced for this size
         start = time.perf_counter()
         predict_probabilities(model, image)
         row.update(whole_seconds=time.perf_counter() - start, whole_peak_mib=peak_mib())
