@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+import imageio.v3
 import numpy as np
 import skimage.io
 import skimage.transform
@@ -95,7 +96,10 @@ def write_json_once(path, data):
 
 
 def write_png(path, array):
-    return write_atomically(path, lambda p: skimage.io.imsave(p, array, check_contrast=False))
+    """An image file written atomically; encoded in memory first, so a write that fails (a full
+    disk) is one OSError of the write itself, not of an encoder left half-open."""
+    encoded = imageio.v3.imwrite("<bytes>", np.asarray(array), extension=Path(path).suffix)
+    return write_atomically(path, lambda p: p.write_bytes(encoded))
 
 
 @dataclass(frozen=True)
