@@ -265,8 +265,10 @@ def encoder_row_of(encoder, p):
 
 
 def in_own_process(option, value, quick):
-    """Run this script with `option value` in a fresh process; its JSON answer and peak MiB."""
-    args = [sys.executable, __file__, option, str(value)] + (["--quick"] if quick else [])
+    """Run this script with `option value` in a fresh process, under this process's precision
+    policy; its JSON answer and peak MiB."""
+    args = [sys.executable, __file__, option, str(value), "--policy",
+            keras.mixed_precision.global_policy().name] + (["--quick"] if quick else [])
     answer = subprocess.run(args, check=True, capture_output=True, text=True)
     return json.loads(answer.stdout.strip().splitlines()[-1])
 
@@ -294,7 +296,7 @@ def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS)):
+def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS), chosen_encoders=()):
     p = dict(QUICK if quick else FULL, **(sizes or {}))
     rows = {}
     if "peak" in parts or "models" in parts:
@@ -328,7 +330,7 @@ def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS)):
     if "startup" in parts:
         rows["startup"] = startup_seconds(2 if quick else 5)
     if "encoders" in parts:
-        encoders = (QUICK_ENCODER,) if quick else BENCH_ENCODERS
+        encoders = chosen_encoders or ((QUICK_ENCODER,) if quick else BENCH_ENCODERS)
         rows["encoders"] = {name: in_own_process("--encoder-row", name, quick)
                             for name in encoders}
     if "tiles" in parts:
@@ -414,10 +416,14 @@ def markdown(report):
               f"steps [default: {BATCH_SIZE}; quick {QUICK['batch']}].")
 @click.option("--row", "rows", type=click.Choice(list(MODELS)), multiple=True,
               help="Only these model rows (repeatable) [default: all].")
+@click.option("--encoder", "encoders", type=click.Choice(BENCH_ENCODERS), multiple=True,
+              help="With --part encoders: only these (repeatable) [default: all listed].")
 @click.option("--encoder-row", hidden=True)
 @click.option("--tile-row", type=int, hidden=True)
-def main(quick, data_dir, output, policy, parts, side, batch, rows, encoder_row, tile_row):
+def main(quick, data_dir, output, policy, parts, side, batch, rows, encoders, encoder_row,
+         tile_row):
     """Measure training, inference and input speed against the machine's peak."""
+    keras.mixed_precision.set_global_policy(policy)
     if encoder_row or tile_row:                     # one row, in its own process
         p = QUICK if quick else FULL
         row = encoder_row_of(encoder_row, p) if encoder_row else tile_row_of(tile_row, quick)
@@ -425,10 +431,9 @@ def main(quick, data_dir, output, policy, parts, side, batch, rows, encoder_row,
         return
     with one_line_errors():
         check_output_path(output, force=True)      # before minutes of measuring, not after
-    keras.mixed_precision.set_global_policy(policy)
     sizes = {key: value for key, value in (("crop", side), ("batch", batch)) if value}
-    report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS, sizes, rows or list(MODELS)),
-                  policy=policy)
+    report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS, sizes, rows or list(MODELS),
+                          encoders), policy=policy)
     click.echo(markdown(report))                    # shown even if writing it fails
     with one_line_errors():
         write_json(output, report)
