@@ -125,6 +125,11 @@ def _read(pixels, rows, cols):
     return np.where(inside[..., None], values, 0)
 
 
+def _rounded(coordinate):
+    """The nearest whole pixel, halves away from zero: C's round, as TensorFlow's kernel does."""
+    return (np.sign(coordinate) * np.floor(np.abs(coordinate) + 0.5)).astype(np.int64)
+
+
 def resample(pixels, transform, out_size, interpolation, fill_mode):
     """(h, w, C) float32: `pixels` (H, W, C) read through the projective `transform` (output
     pixel to input pixel), bilinear or nearest; what ImageProjectiveTransformV3 returns."""
@@ -135,9 +140,7 @@ def resample(pixels, transform, out_size, interpolation, fill_mode):
     y = _mapped((b0 * cols + b1 * rows + b2) / projection, pixels.shape[0], fill_mode)
     pixels = pixels.astype(np.float32)
     if interpolation == "nearest":
-        # C's round: halves away from zero, as TensorFlow's kernel rounds
-        nearest = lambda v: (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)
-        return _read(pixels, nearest(y), nearest(x))
+        return _read(pixels, _rounded(y), _rounded(x))
     x0, y0 = np.floor(x), np.floor(y)
     wx, wy = (x - x0)[..., None], (y - y0)[..., None]
     x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
