@@ -102,6 +102,8 @@ def check_output_path(path, force):
     if not os.access(path.parent, os.W_OK | os.X_OK):      # read-only mounts stop root too
         raise InputError(f"{path}: folder {path.parent} is not writable; make it writable or "
                          "choose another output path")
+    if path.exists() and not path.is_file():     # a device such as /dev/null, a socket, ...
+        raise InputError(f"{path}: exists and is not a regular file; choose another path")
     if path.exists() and not force:
         raise InputError(f"{path}: exists; pass --force to replace it, or choose another path")
 
@@ -173,6 +175,9 @@ def csv_to_masks(csv_path, out_dir, *, patch_size=PATCH_SIZE, force=False):
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: is a file; pass a folder for the masks with -o")
     targets = {number: out_dir / f"mask_{number:03d}.png" for number in sorted(patches)}
+    odd = [path for path in targets.values() if path.exists() and not path.is_file()]
+    if odd:
+        raise InputError(f"{odd[0]}: exists and is not a regular file; choose another -o")
     taken = [path for path in targets.values() if path.exists()]
     if taken and not force:
         raise InputError(f"{taken[0]}: exists; pass --force to replace it, or choose another -o")

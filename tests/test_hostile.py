@@ -118,6 +118,16 @@ def test_a_checkpoint_that_cannot_be_written_says_how_to_resume(workdir, road_di
     assert cli("--resume", "logs/r").exit_code == 0
 
 
+@pytest.mark.parametrize("target", ["/dev/null", "/dev/full"])
+def test_the_converter_never_replaces_a_device_even_with_force(tmp_path, target):
+    masks = tmp_path / "masks"
+    save(masks / "test_1.png", np.full((32, 32), 255, np.uint8))
+    result = CliRunner().invoke(m2s.main, [str(masks), "-o", target, "--force"])
+    assert result.exit_code == 2
+    one_line_error(result.output, f"{target}: exists and is not a regular file")
+    assert not os.path.isfile(target)
+
+
 @pytest.mark.parametrize("kind", ["read-only", "full"])
 def test_the_converter_says_in_one_line_when_it_cannot_write(tmp_path, mount, kind):
     masks = tmp_path / "masks"
