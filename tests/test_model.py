@@ -80,8 +80,10 @@ def test_fused_batchnorm_matches_keras_batchnorm_in_both_modes():
         layer.build(x.shape)
         layer.set_weights([np.linspace(0.5, 2, 5), np.linspace(-1, 1, 5), np.ones(5) * 0.3,
                            np.ones(5) * 2.0])
-    assert np.allclose(fused(x, training=True), plain(x, training=True), atol=1e-4)
+    numpy = keras.ops.convert_to_numpy
+    assert np.allclose(numpy(fused(x, training=True)), numpy(plain(x, training=True)), atol=1e-4)
     # the moving variance differs only by the fused kernel's n/(n-1) correction (n = 256 here)
     for a, b in zip(fused.get_weights()[2:], plain.get_weights()[2:]):
         assert np.allclose(a, b, rtol=1e-2)
-    assert np.allclose(fused(x, training=False), plain(x, training=False), atol=1e-2)
+    assert np.allclose(numpy(fused(x, training=False)), numpy(plain(x, training=False)),
+                       atol=1e-2)
