@@ -57,6 +57,8 @@ def start_backend(quiet=True, cpu_only=False):
         if name == "tensorflow":
             import tensorflow as tf
             tf.config.list_physical_devices("GPU")
+            if quiet:      # its Python warnings too: retracing notes when an ensemble predicts
+                tf.get_logger().setLevel("ERROR")
         elif name == "jax":
             import jax
             jax.devices()
