@@ -246,7 +246,8 @@ def validated_run(settings, run, place, train_set, valid_set):
     """Train on train_set and validate on valid_set, each (pairs, images, masks): the best
     model, its full-size validation (outputs, table, metrics.json); returns its probabilities."""
     from model_cil import load_model
-    from predict_cil import predicted, report_validation
+    from predict_cil import predicted
+    from report_cil import report_validation
     (_, train_images, train_masks), (valid_pairs, valid_images, valid_masks) = train_set, valid_set
     class_weights = resolved_class_weights(settings, train_masks)
     checkpoint = train(settings, run, place, train_images, train_masks, class_weights,
@@ -317,7 +318,7 @@ def cross_validate(settings):
     cross-validated run, resumed where interrupted, kept where finished; once every fold is,
     the out-of-fold report. With --weights (one model per fold, as --from-run of a
     cross-validated run gives them) the folds are predicted again, not trained."""
-    from predict_cil import cross_validation_report, write_oof
+    from report_cil import cross_validation_report, write_oof
     pairs = selected_pairs(settings)
     images, masks = load(pairs, settings)
     preflight(settings, images)
@@ -374,7 +375,8 @@ def revalidated_fold(settings, run, valid_set):
     """A fold's held-out images predicted by its saved model (settings.weights[fold]), with this
     run's prediction settings; the outputs, table and metrics.json as if it had trained."""
     from model_cil import load_saved_model
-    from predict_cil import predicted, report_validation
+    from predict_cil import predicted
+    from report_cil import report_validation
     weights = settings.weights[settings.fold]
     model = load_saved_model(weights, settings.classes)
     check_tile(settings, [model], [weights])
@@ -408,7 +410,8 @@ def train_and_submit(settings):
 def predict_with_weights(settings):
     """No training: validate, submit or export with the saved model (several: their mean)."""
     from model_cil import load_saved_model, model_classes
-    from predict_cil import predicted, report_validation, write_test_predictions
+    from predict_cil import predicted, write_test_predictions
+    from report_cil import report_validation
     explicit = settings.sources["classes"] == "command line"
     models = [load_saved_model(file, settings.classes if explicit else None)
               for file in settings.weights]

@@ -9,8 +9,8 @@ import pytest
 from model_cil import build_unet
 from data_cil import Pair
 from predict_cil import (DIHEDRAL, dihedral, ensemble_probabilities, overlay, pad_to_multiple,
-                         predict_probabilities, read_oof, tune_thresholds, undo_dihedral,
-                         write_oof)
+                         predict_probabilities, undo_dihedral)
+from report_cil import read_oof, tune_thresholds, write_oof
 
 
 def pixelwise_model():
