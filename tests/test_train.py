@@ -56,6 +56,16 @@ def test_the_classic_recipe_is_the_original_keras_unet():
         64, 1e-4, "bce", False)
 
 
+def test_the_pretrained_recipe_is_what_the_readme_measured():
+    settings = resolved("--recipe", "vgg16-hed", "--epochs", "30")
+    assert (settings["model"], settings["encoder"], settings["encoder_weights"]) == (
+        "unet", "vgg16", "hed")
+    assert (settings["freeze_encoder"], settings["encoder_lr_scale"], settings["count"],
+            settings["patience"], settings["amp"]) == (5, 10, 4, 0, True)
+    assert settings["epochs"] == 30 and settings.sources["epochs"] == "command line"
+    assert settings.sources["count"] == "recipe vgg16-hed"
+
+
 def test_the_global_batch_of_the_recipe_is_split_over_gpus():
     assert resolved("--recipe", "nvidia-tinyunet", "--gpus", "2")["batch_size"] == 8
 
