@@ -74,8 +74,13 @@ def write_atomically(path, write):
     return path
 
 
+def write_text(path, text):
+    """A text file written atomically."""
+    return write_atomically(path, lambda p: p.write_text(text))
+
+
 def write_json(path, data):
-    return write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"))
+    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_json_once(path, data):

@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 
 from cli_cil import HELP_OPTIONS, OneLineUsage, one_line_errors
-from data_cil import InputError, write_atomically, write_json, write_json_once
+from data_cil import InputError, write_json, write_json_once, write_text
 from runs_cil import (FILES, FOLD_PREFIX, OWNER_FILE, RUN_NAME, STOP_SIGNALS, check_run_name,
                       fold_folder, host_name, lock_owner, own_folder, path, process_alive,
                       read_exit_code, read_json, read_metrics, read_state, set_aside)
@@ -607,7 +607,7 @@ def run_job(folder):
             for number, handler in previous.items():
                 signal.signal(number, handler)
     code = 128 - code if code < 0 else code          # killed by signal N: 128 + N, as a shell
-    write_atomically(path(folder, "exit_code"), lambda file: file.write_text(f"{code}\n"))
+    write_text(path(folder, "exit_code"), f"{code}\n")
     return code
 
 
@@ -705,9 +705,9 @@ def write_summary(grid_dir, metric=DEFAULT_METRIC):
     markdown = "\n".join(["| " + " | ".join(columns) + " |",
                           "|" + "---|" * len(columns),
                           *("| " + " | ".join(line) + " |" for line in cells)]) + "\n"
-    write_atomically(grid_dir / "post_output.md", lambda file: file.write_text(markdown))
-    tsv = "\n".join("\t".join(line) for line in [columns, *cells]) + "\n"
-    write_atomically(grid_dir / "post_output.tsv", lambda file: file.write_text(tsv))
+    write_text(grid_dir / "post_output.md", markdown)
+    write_text(grid_dir / "post_output.tsv",
+               "\n".join("\t".join(line) for line in [columns, *cells]) + "\n")
     return markdown
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineCommand, one_line_errors
 from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, InputError, image_number, read_array,
-                      write_atomically, write_png)
+                      write_png, write_text)
 
 # The Kaggle facts, here and nowhere else (losses_cil and predict_cil import them).
 PATCH_SIZE = 16              # the grader scores 16x16 patches
@@ -113,7 +113,7 @@ def write_submission(csv_path, masks, *, patch_size=PATCH_SIZE, threshold=FOREGR
     """Write the CSV for {image number: mask 0..1} atomically; returns the lines written."""
     check_output_path(csv_path, force)
     lines = submission_lines(masks, patch_size, threshold)
-    write_atomically(csv_path, lambda p: p.write_text("\n".join(lines) + "\n"))
+    write_text(csv_path, "\n".join(lines) + "\n")
     return lines
 
 

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from board_cil import EventWriter, epoch_scalars, png_image
-from data_cil import write_atomically
+from data_cil import write_atomically, write_text
 from model_cil import encoder_layer, save_model
 from predict_cil import render_mask
 from runs_cil import (STOP_SIGNALS, TrainingDiverged, TrainingInterrupted, path, read_state,
@@ -384,7 +384,7 @@ def trim_history(run_dir, epochs_done):
     if history.is_file():
         header, *rows = history.read_text().splitlines(keepends=True)
         kept = [row for row in rows if int(row.split(",")[0]) < epochs_done]
-        write_atomically(history, lambda p: p.write_text("".join([header, *kept])))
+        write_text(history, "".join([header, *kept]))
 
 
 def set_encoder_phase(model, frozen):
