@@ -36,7 +36,7 @@ import click
 import numpy as np
 
 from cli_cil import HELP_OPTIONS, OneLineCommand, one_line_errors
-from data_cil import find_pairs, load_pairs, synthetic_road_pair, write_json
+from data_cil import InputError, find_pairs, load_pairs, synthetic_road_pair, write_json
 from devices_cil import start_backend
 from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,
                           installed_version, resolve_aug)
@@ -399,6 +399,20 @@ def markdown(report):
     return "\n".join(lines)
 
 
+def check_replaceable(output):
+    """InputError when `output` is a file that holds no earlier results of the benchmark (a JSON
+    object with their policy): the benchmark replaces its own results, never another file."""
+    if not output.is_file():
+        return
+    try:
+        earlier = json.loads(output.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "policy" in earlier):
+        raise InputError(f"{output}: exists and holds no results of this benchmark; choose "
+                         "another -o (it replaces only its own results)")
+
+
 @click.command(cls=OneLineCommand, context_settings=HELP_OPTIONS)
 @click.option("--quick", is_flag=True, help="Tiny sizes and few repetitions: a smoke test.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
@@ -429,11 +443,13 @@ def main(quick, data_dir, output, policy, parts, side, batch, rows, encoders, en
         row = encoder_row_of(encoder_row, p) if encoder_row else tile_row_of(tile_row, quick)
         click.echo(json.dumps(dict(row, peak_mib=peak_mib())))
         return
-    with one_line_errors():
-        check_output_path(output, force=True)      # before minutes of measuring, not after
+    with one_line_errors():                        # before minutes of measuring, not after
+        check_replaceable(output)
+        check_output_path(output, force=True, example=output.name)
     sizes = {key: value for key, value in (("crop", side), ("batch", batch)) if value}
-    report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS, sizes, rows or list(MODELS),
-                          encoders), policy=policy)
+    with one_line_errors(memory_hint="lower --side or --batch"):
+        report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS, sizes,
+                              rows or list(MODELS), encoders), policy=policy)
     click.echo(markdown(report))                    # shown even if writing it fails
     with one_line_errors():
         write_json(output, report)

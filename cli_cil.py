@@ -1,10 +1,12 @@
 """What every command line of the tool shares: numbers that must be finite, and the edge where a
-fault becomes one line on stderr and exit code 2 (main_cil.py, grid_cil.py, bench_cil.py,
-mask_to_submission.py). Faults are raised where they are found; this is where they are told.
+fault becomes one line on stderr and exit code 2, or 1 when memory ran out (main_cil.py,
+grid_cil.py, bench_cil.py, mask_to_submission.py). Faults are raised where they are found; this
+is where they are told.
 """
 
 import contextlib
 import math
+import re
 import sys
 
 import click
@@ -12,6 +14,12 @@ import click
 from data_cil import InputError, os_error_line
 
 USAGE_EXIT = 2               # click's code for a usage error, and ours for every bad input
+MEMORY_EXIT = 1              # out of memory: the input may be fine, the machine too small
+# How the backends name running out of memory: TensorFlow's ResourceExhaustedError, torch's
+# OutOfMemoryError (a RuntimeError); XLA (JAX) raises a runtime error whose text says so.
+MEMORY_ERRORS = ("ResourceExhaustedError", "OutOfMemoryError")
+XLA_MEMORY_STATUS = "RESOURCE_EXHAUSTED"
+MEMORY_HINT = "ask for less at once, or run on a machine with more memory"
 HELP_OPTIONS = dict(help_option_names=["-h", "--help"], max_content_width=100)
 
 
@@ -37,16 +45,30 @@ def finite(value, label):
     return number
 
 
-def fail(line):
-    """Print `error: line` on stderr and exit with USAGE_EXIT."""
+def fail(line, code=USAGE_EXIT):
+    """Print `error: line` on stderr and exit with `code`."""
     click.echo(f"error: {line}", err=True)
-    sys.exit(USAGE_EXIT)
+    sys.exit(code)
+
+
+def out_of_memory_line(error, hint):
+    """The one line telling that `error` is the machine's memory running out, and `hint` (what
+    to lower); None for any other error."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or type(error).__name__ in MEMORY_ERRORS
+            or XLA_MEMORY_STATUS in text[:200]):
+        return None
+    detail = re.search(r"OOM when allocating tensor with shape\[[^\]]*\]|Unable to allocate "
+                       r"[^\n]*?with shape \([^)]*\)", text)
+    reason = detail.group(0) if detail else type(error).__name__
+    return f"out of memory ({reason}); {hint}"
 
 
 @contextlib.contextmanager
-def one_line_errors(*kinds, debug=False):
+def one_line_errors(*kinds, debug=False, memory_hint=MEMORY_HINT):
     """Inside, InputError, a failed file operation (OSError) and the `kinds` given end the
-    command with one line and USAGE_EXIT; with `debug`, they propagate with their traceback."""
+    command with one line and USAGE_EXIT, running out of memory with one line (and
+    `memory_hint`) and MEMORY_EXIT; with `debug`, they propagate with their traceback."""
     try:
         yield
     except (InputError, *kinds) as error:
@@ -57,6 +79,11 @@ def one_line_errors(*kinds, debug=False):
         if debug:
             raise
         fail(os_error_line(error))
+    except Exception as error:   # only running out of memory is told here; the rest goes on
+        line = out_of_memory_line(error, memory_hint)
+        if debug or line is None:
+            raise
+        fail(line, MEMORY_EXIT)
 
 
 class OneLineUsage:

@@ -92,6 +92,9 @@ def _main_command():
 
 
 def check_resources(resources, where):
+    if not isinstance(resources, dict):
+        raise GridError(f"{where}: resources {json.dumps(resources)}: expected an object such "
+                        'as {"walltime": "8:00", "cores": 4}')
     unknown = set(resources) - set(RESOURCES)
     if unknown:
         raise GridError(f"{where}: resources {', '.join(sorted(unknown))} unknown; use "
@@ -629,6 +632,9 @@ def summary_rows(grid_dir, metric=DEFAULT_METRIC):
     if metric not in known:
         raise GridError(f"--metric {metric}: not a metric the runs record; choose one of "
                         f"{', '.join(known)}")
+    if not (grid_dir / "grid.json").is_file():
+        raise GridError(f"{grid_dir}: not a grid folder (no grid.json); pass jobs/<grid>, the "
+                        "folder grid_cil.py printed")
     _, varied, _, _ = load_grid(grid_dir / "grid.json")
     shown = [key for key in varied if key != "fold"]
     finished, others, seen = [], [], set()

@@ -35,6 +35,9 @@ from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_
                           learned_names, parse_class_weights, parse_loss, resolve_settings,
                           tile_error)
 
+# What to lower when memory runs out: the sizes that decide a step's activations.
+MEMORY_HINT = ("lower --batch-size or --crop for training, --filters or --depth for the model, "
+               "or pass --tile (e.g. 256) for prediction")
 
 
 def echo(text="", err=False):
@@ -495,7 +498,7 @@ def main(ctx, **options):
     # (reading data, predicting) it must not end the process as SIGUSR2 does by default.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
-        with one_line_errors(debug=options["debug"]):
+        with one_line_errors(debug=options["debug"], memory_hint=MEMORY_HINT):
             check_environment_names()
             settings, notes = resolve_settings(ctx)
             for note in notes:

@@ -9,6 +9,7 @@ course's own mask_to_submission.py.
 """
 
 import os
+import re
 from pathlib import Path
 
 import click
@@ -22,6 +23,9 @@ from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, InputError, image_number
 PATCH_SIZE = 16              # the grader scores 16x16 patches
 FOREGROUND_THRESHOLD = 0.25  # a patch is road when its mean mask value exceeds this
 HEADER = "id,prediction"
+# An id is three whole numbers in ASCII digits (int() alone would take "+1", " 1" or "١"); a
+# minus sign is matched only to name it in its own error.
+PATCH_ID = re.compile(r"(-?[0-9]+)_(-?[0-9]+)_(-?[0-9]+)")
 
 
 def mask_fraction(array, path="mask"):
@@ -90,12 +94,12 @@ def _mask_files(folder):
     return numbered
 
 
-def check_output_path(path, force):
-    """Refuse a missing folder, a folder as the file, or an existing file unless `force`."""
+def check_output_path(path, force, example="submission.csv"):
+    """Refuse a missing folder, a folder as the file (suggesting `example` in it), or an
+    existing file unless `force`."""
     path = Path(path)
     if path.is_dir():
-        raise InputError(f"{path}: is a folder; name the CSV file to write, e.g. "
-                         f"{path / 'submission.csv'}")
+        raise InputError(f"{path}: is a folder; name the file to write, e.g. {path / example}")
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist; create it or choose "
                          "another output path")
@@ -128,11 +132,12 @@ def masks_to_csv(mask_dir, csv_path, *, patch_size=PATCH_SIZE, threshold=FOREGRO
 
 def _patch_entry(line, where, patch_size):
     """(number, x, y, label) of one CSV line, checked; InputError naming `where` otherwise."""
-    try:
-        key, label = line.split(",")
-        number, x, y = (int(part) for part in key.split("_"))
-    except ValueError:
-        raise InputError(f"{where}: '{line}' is not 'NNN_x_y,label'") from None
+    fields = [field.strip() for field in line.split(",")]
+    match = PATCH_ID.fullmatch(fields[0]) if len(fields) == 2 else None
+    if not match:
+        raise InputError(f"{where}: '{line}' is not 'NNN_x_y,label'")
+    number, x, y = (int(part) for part in match.groups())
+    label = fields[1]
     if label not in ("0", "1"):
         problem = f"label {label!r} is not 0 or 1"
     elif min(number, x, y) < 0:
@@ -153,15 +158,22 @@ def read_submission(csv_path, patch_size=PATCH_SIZE):
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: file not found")
-    lines = csv_path.read_text().split()
-    if not lines or lines[0] != HEADER:
+    try:    # utf-8-sig: a spreadsheet's byte order mark is no part of the header
+        lines = csv_path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{csv_path}: not a text file; is it a submission CSV?") from None
+    if not lines or lines[0].strip() != HEADER:
         raise InputError(f"{csv_path}: first line is not '{HEADER}'; is it a submission CSV?")
+    numbered = [(number, line.strip()) for number, line in enumerate(lines[1:], start=2)
+                if line.strip()]
+    if not numbered:
+        raise InputError(f"{csv_path}: no patch lines below its header; nothing to render")
     patches, seen = {}, {}
-    for line_number, line in enumerate(lines[1:], start=2):
+    for line_number, line in numbered:
         where = f"{csv_path}:{line_number}"
         number, x, y, label = _patch_entry(line, where, patch_size)
         if (number, x, y) in seen:
-            raise InputError(f"{where}: '{line}': id {line.split(',')[0]} repeats line "
+            raise InputError(f"{where}: '{line}': id {line.split(',')[0].strip()} repeats line "
                              f"{seen[(number, x, y)]}; keep one line per patch")
         seen[(number, x, y)] = line_number
         patches.setdefault(number, {})[(x, y)] = label

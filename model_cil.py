@@ -405,8 +405,12 @@ def load_saved_model(path, classes=None):
     """A segmentation model saved by this tool, or InputError naming the file and the fix:
     RGB images in, one map of probabilities per class out (`classes`, when given)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a model file; pass {path / 'best.keras'}, or "
+                         f"--from-run {path} for a run's settings and models")
     if not path.is_file():
-        raise InputError(f"{path}: weights file not found")
+        raise InputError(f"{path}: " + ("not a regular file; pass a best.keras from a run "
+                                        "folder" if path.exists() else "weights file not found"))
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path}: not a .keras model file (those are zip archives); pass a "
                          "best.keras from a run folder")

@@ -99,8 +99,9 @@ def predict_tiled(model, image, *, tile, overlap, tta=1):
 
 
 def predict_image(model, image, *, tta=1, tile=0, overlap=0):
-    """One model's probabilities for one image: whole, or in tiles when `tile`."""
-    if tile:
+    """One model's probabilities for one image: whole, or in tiles when `tile` is smaller than
+    the image (a tile that covers it is the whole image)."""
+    if tile and tile < max(image.shape[:2]):
         return predict_tiled(model, image, tile=tile, overlap=overlap, tta=tta)
     return predict_probabilities(model, image, tta=tta)
 

@@ -16,11 +16,13 @@ while a live process holds it or any run inside it.
 """
 
 import json
+import math
 import os
 import re
 import secrets
 import signal
 import socket
+import zipfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -116,7 +118,8 @@ def read_record(folder):
     fix = "restore it from a copy, or start a new run (its settings are lost)"
     record = read_json(file, fix)
     if record is None:
-        raise InputError(f"{file}: not found; is {folder} a run folder of this tool?")
+        raise InputError(f"{file}: not found; {folder} is not a run folder of this tool (pass "
+                         "logs/<run>, the folder a run printed)")
     if not isinstance(record.get("settings", record), dict):
         raise damaged(file, "its settings are not a JSON object", fix)
     return record
@@ -144,11 +147,16 @@ def read_state(folder):
         return None
     wrong = [key for key, types in STATE_TYPES.items() if not isinstance(state.get(key), types)
              or isinstance(state.get(key), bool)]
+    if not wrong and state["best"] is not None and not math.isfinite(state["best"]):
+        wrong = ["best"]
     if wrong or state["epoch"] < 0 or state["step"] < 0:
         raise damaged(file, f"{', '.join(wrong) or 'epoch and step'} not as the tool writes "
                             "them", fix)
-    if Path(state["file"]).name != state["file"] or not (file.parent / state["file"]).is_file():
+    model = file.parent / state["file"]
+    if Path(state["file"]).name != state["file"] or not model.is_file():
         raise damaged(file, f"it names {state['file']}, which is not in {file.parent}", fix)
+    if not zipfile.is_zipfile(model):    # the tool writes it whole; cut short, it is no archive
+        raise damaged(model, "not a whole .keras archive", fix)
     return state
 
 
@@ -280,6 +288,8 @@ def is_owned(folder):
 
 def make_folder(folder, what):
     """A folder that holds runs (logs, outputs): made with its parents if missing, never owned."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: not a folder; choose another place for the {what}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -298,10 +308,14 @@ def own_folder(folder, what, instead="choose another --run-name or another folde
     make it."""
     folder = Path(folder)
     if not folder.exists():
-        make_folder(folder.parent, f"folder of the {what}")
+        make_folder(folder.parent, f"folder that holds the {what}s")
         temporary = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(3)}"
                                      ".partial")
-        temporary.mkdir()
+        try:
+            temporary.mkdir()
+        except OSError as error:
+            raise InputError(f"{folder}: cannot create the {what} ({error.strerror}); choose "
+                             "another folder") from None
         (temporary / OWNER_FILE).write_text(json.dumps(dict(
             what=what, pid=os.getpid(), host=host_name(),
             made=datetime.now().isoformat(timespec="seconds"))) + "\n")
@@ -388,12 +402,15 @@ def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=Fal
     check_run_name(name)
     run = Run(Path(logs_dir) / name, Path(valid_root) / name, Path(submit_root) / name)
     refuse_foreign(run)
-    make_folder(Path(logs_dir), "logs folder")
+    for root, what in ((logs_dir, "logs folder"), (valid_root, "validation output folder"),
+                       (submit_root, "submission output folder")):
+        make_folder(Path(root), what)        # all three places first: a refusal leaves nothing
     own_folder(run.folder, "run folder")
     acquire_lock(run.folder)
     moved = []
     try:
-        if resume:
+        if resume:    # its output folders may be gone (a run copied from a cluster): made again
+            own_output_folders(run)
             return run, moved
         if is_run(run.folder) or _earlier_outputs(run):
             taken = run.folder if is_run(run.folder) else _earlier_outputs(run)[0]
@@ -408,13 +425,17 @@ def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=Fal
                 moved.append(set_aside(run.folder))   # its lock, ours, goes with it
                 own_folder(run.folder, "run folder")
                 acquire_lock(run.folder)
-        for folder, what in ((run.valid_dir, "validation output folder"),
-                             (run.submit_dir, "submission folder")):
-            own_folder(folder, what)
+        own_output_folders(run)
     except BaseException:
         release_lock(run.folder)
         raise
     return run, moved
+
+
+def own_output_folders(run):
+    for folder, what in ((run.valid_dir, "validation output folder"),
+                         (run.submit_dir, "submission folder")):
+        own_folder(folder, what)
 
 
 def close_run(run):

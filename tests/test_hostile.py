@@ -16,11 +16,12 @@ from click.testing import CliRunner
 import bench_cil
 import grid_cil
 import mask_to_submission as m2s
+import model_cil
 import train_cil
-from cli_cil import FiniteFloat
+from cli_cil import FiniteFloat, out_of_memory_line
 from data_cil import InputError, train_sample_size
 from model_cil import build_unet
-from runs_cil import open_run, own_folder
+from runs_cil import close_run, is_owned, open_run, own_folder
 from settings_cil import NO_PERTURBATION, OPTIONS
 from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb,
                             save, saved_run)
@@ -225,9 +226,22 @@ def test_a_path_too_long_for_the_file_system_is_one_line(workdir, road_dir, opti
 DAMAGE = {
     "config.json truncated": ("config.json", '{"settings": {"epo', "config.json: damaged"),
     "config.json hand-edited": ("config.json", '{"settings": [1, 2]}', "config.json: damaged"),
+    "config.json records no settings": ("config.json", '{"x": 1}',
+                                        "config.json: damaged (it records no settings)"),
+    "config.json has a number for a folder": (
+        "config.json", '{"settings": {"data_dir": 5}, "sources": {}}',
+        "config.json: data-dir: 5 is not a valid"),
+    "config.json has a list for the perturbations": (
+        "config.json", '{"settings": {"aug": [1, 2]}, "sources": {}}',
+        "config.json: --aug 1: expected key=value"),
     "state.json truncated": ("checkpoint/state.json", '{"file": "m', "state.json: damaged"),
     "state.json hand-edited": ("checkpoint/state.json", json.dumps(
         {"file": "model-0001-000000.keras", "epoch": "one", "step": 0}), "state.json: damaged"),
+    "state.json best is not a number": ("checkpoint/state.json", json.dumps(
+        {"file": "model-0001-000000.keras", "epoch": 1, "step": 0, "best": float("nan"),
+         "best_epoch": 1, "wait": 0, "epoch_seconds": [1.0]}), "state.json: damaged (best not"),
+    "checkpoint model cut short": ("checkpoint/model-0001-000000.keras", "PK\x03\x04cut",
+                                   "model-0001-000000.keras: damaged (not a whole .keras"),
     "state names a missing model": ("checkpoint/state.json", json.dumps(
         {"file": "model-0009-000000.keras", "epoch": 9, "step": 0, "best": None,
          "best_epoch": None, "wait": 0, "epoch_seconds": []}),
@@ -245,6 +259,18 @@ def test_a_damaged_run_file_is_named_in_one_line_by_resume(workdir, damage):
     one_line_error(result.output, message)
 
 
+def test_a_resumed_run_makes_its_missing_output_folders_again(tmp_path):
+    """A run copied from a cluster without its outputs: resuming it must not fail at the end."""
+    run, _ = open_run(tmp_path / "logs", "r", tmp_path / "valid", tmp_path / "submit")
+    close_run(run)
+    run.valid_dir.joinpath(".cil-owner").unlink()
+    run.valid_dir.rmdir()
+    resumed, _ = open_run(tmp_path / "logs", "r", tmp_path / "valid", tmp_path / "submit",
+                          resume=True)
+    close_run(resumed)
+    assert resumed.valid_dir.is_dir() and is_owned(resumed.valid_dir)
+
+
 @pytest.mark.parametrize("content", ["[]", '{"pid": "me"}', '{"pid": 1'])
 def test_a_damaged_lock_is_named_in_one_line(tmp_path, content):
     folder = own_folder(tmp_path / "logs/r", "run folder")
@@ -255,6 +281,7 @@ def test_a_damaged_lock_is_named_in_one_line(tmp_path, content):
 
 
 @pytest.mark.parametrize("content", ['{"best_epoch": 3', '{"best_epoch": "three"}',
+                                     '{"best_epoch": 1000000000000000000000000000000}',
                                      '{"cross_validation": 5}', "[]"])
 def test_damaged_metrics_are_named_in_one_line_by_from_run(workdir, content):
     folder = saved_run(workdir / "logs/r")
@@ -300,6 +327,9 @@ def test_damaged_job_files_are_named_in_one_line_by_the_grid(tmp_path, file, con
     ("001_8_0,1", "x and y must be multiples of the patch size 16"),
     ("001_0_99999984,1", "the mask would be larger than 16384 pixels"),
     ("001_16,1", "is not 'NNN_x_y,label'"),
+    ("+001_16_0,1", "is not 'NNN_x_y,label'"),
+    ("\u0661_16_0,1", "is not 'NNN_x_y,label'"),
+    ("001_16_0,1,1", "is not 'NNN_x_y,label'"),
 ])
 def test_the_reverse_converter_refuses_bad_lines_before_writing(tmp_path, line, message):
     (tmp_path / "s.csv").write_text(f"id,prediction\n001_0_0,1\n{line}\n")
@@ -309,6 +339,27 @@ def test_the_reverse_converter_refuses_bad_lines_before_writing(tmp_path, line, 
     one_line_error(result.output, f"s.csv:3: '{line}'")
     assert message in result.output
     assert not (tmp_path / "masks").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"id,prediction\n", "s.csv: no patch lines below its header; nothing to render"),
+    (b"\x00\xff" * 50, "s.csv: not a text file; is it a submission CSV?"),
+    (b"id,prediction\n001_0_0, 2\n", "s.csv:2: '001_0_0, 2': label '2' is not 0 or 1"),
+])
+def test_the_reverse_converter_refuses_files_that_hold_no_patches(tmp_path, content, message):
+    (tmp_path / "s.csv").write_bytes(content)
+    result = CliRunner().invoke(m2s.main, ["--to-masks", str(tmp_path / "s.csv"), "-o",
+                                           str(tmp_path / "masks")])
+    assert result.exit_code == 2
+    one_line_error(result.output, message)
+    assert not (tmp_path / "masks").exists()
+
+
+def test_the_reverse_converter_reads_what_spreadsheets_write(tmp_path):
+    """A byte order mark, CRLF line ends, blanks around fields and a last empty line."""
+    (tmp_path / "s.csv").write_bytes(b"\xef\xbb\xbfid,prediction\r\n001_0_0, 1\r\n"
+                                     b"001_16_0 ,0\r\n\r\n")
+    assert m2s.read_submission(tmp_path / "s.csv") == {1: {(0, 0): 1, (16, 0): 0}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +419,19 @@ def test_the_summary_lists_the_metrics_it_knows(tmp_path):
     assert result.exit_code == 2
     one_line_error(result.output, "--metric dice: not a metric the runs record; choose one of "
                                   "accuracy, f1, iou")
+
+
+def test_the_summary_of_a_folder_that_is_no_grid_is_one_line(tmp_path):
+    result = grid("summary", tmp_path)
+    assert result.exit_code == 2
+    one_line_error(result.output, f"{tmp_path}: not a grid folder (no grid.json)")
+
+
+def test_resources_that_are_no_object_are_one_line(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1], "resources": [1]}))
+    result = grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs", "--dry-run")
+    assert result.exit_code == 2
+    one_line_error(result.output, "g.json: resources [1]: expected an object")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,3 +534,41 @@ def test_export_under_another_backend_is_one_line_before_anything(workdir, road_
     one_line_error(result.output, f"--export writes a TensorFlow SavedModel, which the {BACKEND} "
                                   "backend cannot")
     assert not (workdir / "logs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory that runs out: one line with what to lower, exit code 1
+
+
+OOM_ERRORS = {
+    "tensorflow": ("ResourceExhaustedError", "{{function_node __wrapped__X}} OOM when allocating "
+                   "tensor with shape[3,3,100000,100000] and type float on /job:localhost",
+                   "OOM when allocating tensor with shape[3,3,100000,100000]"),
+    "numpy": ("MemoryError", "Unable to allocate 27.9 GiB for an array with shape (100000, "
+              "100000, 3) and data type uint8", "Unable to allocate 27.9 GiB for an array with "
+              "shape (100000, 100000, 3)"),
+    "xla": ("XlaRuntimeError", "RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+            "40000000000 bytes.", "XlaRuntimeError"),
+}
+
+
+@pytest.mark.parametrize("kind", OOM_ERRORS)
+def test_running_out_of_memory_is_one_line_naming_what_to_lower(workdir, road_dir, monkeypatch,
+                                                                kind):
+    name, text, reason = OOM_ERRORS[kind]
+    error = type(name, (MemoryError if name == "MemoryError" else RuntimeError,), {})(text)
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(model_cil, "build_model", exhausted)
+    result = cli("--data-dir", road_dir, *TINY, "--filters", "100000", "--run-name", "big")
+    assert result.exit_code == 1
+    one_line_error(result.output, f"out of memory ({reason}); lower --batch-size or --crop for "
+                                  "training, --filters or --depth for the model")
+
+
+def test_memory_is_told_by_the_error_class_or_xla_status_and_nothing_else():
+    assert out_of_memory_line(RuntimeError("shapes do not match"), "hint") is None
+    assert out_of_memory_line(ValueError("RESOURCE_EXHAUSTED: 8 GiB"), "hint") == (
+        "out of memory (ValueError); hint")

@@ -301,7 +301,7 @@ def test_the_converter_refuses_a_folder_as_its_csv(tmp_path):
     result = CliRunner().invoke(m2s.main, [str(tmp_path / "masks"), "-o", str(tmp_path / "out"),
                                            "--force"])
     assert result.exit_code == 2
-    assert result.output == f"error: {tmp_path / 'out'}: is a folder; name the CSV file to " \
+    assert result.output == f"error: {tmp_path / 'out'}: is a folder; name the file to " \
                             f"write, e.g. {tmp_path / 'out/submission.csv'}\n"
 
 
@@ -355,7 +355,19 @@ BAD_INPUTS = [
     (["--submit", "--weights", "grey.keras"], "the model expects 1-channel images"),
     (["--logs-dir", "/sys/cil-logs"], "/sys/cil-logs: cannot create the logs folder"),
     (["--logs-dir", "p.json/logs"], "p.json/logs: cannot create the logs folder"),
-    (["--resume", "p.json"], "config.json: not found; is . a run folder of this tool?"),
+    (["--resume", "p.json"], "config.json: not found; . is not a run folder of this tool"),
+    (["--weights", "."], ".: a folder, not a model file; pass best.keras, or --from-run ."),
+    (["--submit-output-dir", "p.json"], "p.json: not a folder; choose another place for the "
+                                        "submission output folder"),
+    (["--valid-output-dir", "p.json/out"], "p.json/out: cannot create the validation output "
+                                           "folder"),
+    (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+    (["--seed", str(2**32)], "is not in the range 0<=x<=4294967295"),
+    (["--class-weights", "0,0"], "--class-weights 0,0: all weights 0 leave nothing to learn"),
+    (["--aug", "width_shift_range=-0.1"], "width_shift_range -0.1: a range is 0 or more (draws "
+                                          "fall in [-r, r]); pass 0.1"),
+    (["--aug", "brightness_range=1.1,0.9"], "brightness_range 1.1,0.9: factors run from a low "
+                                            "one to a high one"),
     (["--weights", "grey.keras", "--from-run", "."], "--weights names the models and "
                                                      "--from-run takes an earlier run's"),
 ]
