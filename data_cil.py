@@ -264,7 +264,8 @@ def binary_mask(array, path):
     if 0 < array.max() < threshold:
         raise InputError(f"{path}: mask values are 0..{array.max()}, all below the threshold "
                          f"{threshold}, so it would train as empty; save masks as 0/255, or pass "
-                         "--classes 2 if the values are class numbers")
+                         f"--classes {max(2, int(array.max()) + 1)} if the values are class "
+                         "numbers")
     return (array >= threshold).astype(np.uint8)
 
 

@@ -144,8 +144,9 @@ def placement(settings):
         capability = (float("{}.{}".format(*torch.cuda.get_device_capability(0)))
                       if found else None)
     if settings.gpus and settings.gpus > len(found):
+        fix = f"pass --gpus {len(found)} or fewer" if found else "pass --gpus 0 (the CPU)"
         raise InputError(f"--gpus {settings.gpus}: only {len(found)} GPU(s) visible to "
-                         f"{name}; pass --gpus {len(found)} or fewer")
+                         f"{name}; {fix}")
     policy = mixed_policy(capability) if settings.amp else None
     if settings.amp and policy:
         click.echo(f"precision: {policy} (--amp)")

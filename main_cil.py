@@ -28,8 +28,8 @@ from data_cil import (InputError, find_pairs, find_test_images, fold_assignment,
                       os_error_line, parse_palette, split_pairs, train_sample_size, write_json,
                       write_json_once, write_synthetic_dataset)
 from runs_cil import (FOLD_PREFIX, Run, TrainingDiverged, TrainingInterrupted, close_run,
-                      fold_folder, open_run, own_folder, path, read_json, read_metrics,
-                      read_record, read_state, refuse_foreign, run_folder_of)
+                      fold_folder, open_run, own_folder, own_output_folders, path, read_json,
+                      read_metrics, read_record, read_state, refuse_foreign, run_folder_of)
 from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES,
                           ENV_PREFIX, OPTIONS, GroupedCommand, config_record, input_multiple,
                           learned_names, parse_class_weights, parse_loss, resolve_settings,
@@ -107,18 +107,28 @@ def run_name(settings):
     return name
 
 
+def run_outputs(settings):
+    """The output folders a run writes: test predictions when it submits, none when it only
+    exports saved models, else validation pictures."""
+    if settings.submit:
+        return ("submit",)
+    return () if settings.export and settings.weights else ("valid",)
+
+
 @contextlib.contextmanager
 def opened_run(settings, inside=None, *, resume=None, force=None):
     """The run (created, or reopened when resuming) with config.json written and its lock held
     while inside. `inside`, a cross-validated run, places a fold's run in its folders."""
     resume = bool(settings.resume) if resume is None else resume
     force = settings.force if force is None else force
+    writes = run_outputs(settings)
     if inside is None:
         run, moved = open_run(settings.logs_dir, run_name(settings), settings.valid_output_dir,
-                              settings.submit_output_dir, force=force, resume=resume)
+                              settings.submit_output_dir, force=force, resume=resume,
+                              writes=writes)
     else:
         run, moved = open_run(inside.folder, f"{FOLD_PREFIX}{settings.fold}", inside.valid_dir,
-                              inside.submit_dir, force=force, resume=resume)
+                              inside.submit_dir, force=force, resume=resume, writes=writes)
     try:
         for folder in moved:
             echo(f"moved the earlier {run.name} aside to {folder}")
@@ -300,9 +310,8 @@ def cross_validation_run(settings, pairs, assignment):
     run = Run(Path(settings.logs_dir) / name, Path(settings.valid_output_dir) / name,
               Path(settings.submit_output_dir) / name)
     refuse_foreign(run)
-    for folder, what in ((run.folder, "run folder"), (run.valid_dir, "validation output folder"),
-                         (run.submit_dir, "submission folder")):
-        own_folder(folder, what)
+    own_folder(run.folder, "run folder")
+    own_output_folders(run, ("valid",))
     record = config_record(parent_settings, name)
     if not (write_json_once(run.file("config"), record) & write_json_once(run.file("split"),
                                                                            split)):

@@ -249,6 +249,9 @@ def release_lock(folder):
 # Opening a run
 
 
+OUTPUTS = ("valid", "submit")     # what a run may write besides its folder
+
+
 @dataclass(frozen=True)
 class Run:
     """A run's three folders: the run folder, its validation pictures, its submission."""
@@ -391,8 +394,10 @@ def refuse_foreign(run):
                              "--run-name or another folder for the runs")
 
 
-def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=False):
-    """Create (or reopen, resuming) the run `name` with its output folders and hold its lock.
+def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=False,
+             writes=OUTPUTS):
+    """Create (or reopen, resuming) the run `name` with the output folders it `writes` (of
+    OUTPUTS) and hold its lock.
 
     A folder that holds a run (or outputs of one) is refused unless `force`, which moves them
     aside; one that a scheduler reserved for this job (made by the tool, no config.json yet) is
@@ -402,15 +407,16 @@ def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=Fal
     check_run_name(name)
     run = Run(Path(logs_dir) / name, Path(valid_root) / name, Path(submit_root) / name)
     refuse_foreign(run)
-    for root, what in ((logs_dir, "logs folder"), (valid_root, "validation output folder"),
-                       (submit_root, "submission output folder")):
-        make_folder(Path(root), what)        # all three places first: a refusal leaves nothing
+    roots = {"valid": (valid_root, "validation output folder"),
+             "submit": (submit_root, "submission output folder")}
+    for root, what in ((logs_dir, "logs folder"), *(roots[kind] for kind in writes)):
+        make_folder(Path(root), what)        # every place first: a refusal leaves nothing
     own_folder(run.folder, "run folder")
     acquire_lock(run.folder)
     moved = []
     try:
         if resume:    # its output folders may be gone (a run copied from a cluster): made again
-            own_output_folders(run)
+            own_output_folders(run, writes)
             return run, moved
         if is_run(run.folder) or _earlier_outputs(run):
             taken = run.folder if is_run(run.folder) else _earlier_outputs(run)[0]
@@ -425,16 +431,20 @@ def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=Fal
                 moved.append(set_aside(run.folder))   # its lock, ours, goes with it
                 own_folder(run.folder, "run folder")
                 acquire_lock(run.folder)
-        own_output_folders(run)
+        own_output_folders(run, writes)
     except BaseException:
         release_lock(run.folder)
         raise
     return run, moved
 
 
-def own_output_folders(run):
-    for folder, what in ((run.valid_dir, "validation output folder"),
-                         (run.submit_dir, "submission folder")):
+def own_output_folders(run, writes=OUTPUTS):
+    """The output folders of `run` that it `writes`, made (owned) if missing: a run that only
+    validates leaves no empty submission folder beside the data, nor a submission a
+    validation folder."""
+    for kind in writes:
+        folder, what = {"valid": (run.valid_dir, "validation output folder"),
+                        "submit": (run.submit_dir, "submission folder")}[kind]
         own_folder(folder, what)
 
 

@@ -43,9 +43,11 @@ def test_real_mask_values_binarise_at_128():
     assert binary_mask(mask, "m.png").tolist() == [[0, 0, 0], [1, 1, 1]]
 
 
-def test_a_mask_of_class_numbers_is_refused_as_binary():
-    with pytest.raises(InputError, match="values are 0..1, all below the threshold 128.*classes 2"):
-        binary_mask(np.array([[0, 1], [1, 0]], np.uint8), "m.png")
+@pytest.mark.parametrize("top, classes", [(1, 2), (2, 3), (7, 8)])
+def test_a_mask_of_class_numbers_is_refused_as_binary_naming_enough_classes(top, classes):
+    with pytest.raises(InputError, match=f"values are 0..{top}, all below the threshold 128.*"
+                                         f"pass --classes {classes} if"):
+        binary_mask(np.array([[0, 1], [top, 0]], np.uint8), "m.png")
 
 
 def test_grey_and_rgba_images_become_rgb_with_a_note(tmp_path):

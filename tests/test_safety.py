@@ -21,7 +21,7 @@ from data_cil import InputError, image_number, write_atomically
 from main_cil import main
 from predict_cil import write_test_predictions
 from runs_cil import OWNER_FILE, close_run, host_name, open_run, own_folder
-from tests.conftest import REPO, TINY, cli, make_pair, resolved, rgb, save
+from tests.conftest import BACKEND, REPO, TINY, cli, make_pair, resolved, rgb, save
 
 
 def tree(folder):
@@ -341,7 +341,7 @@ BAD_INPUTS = [
     (["--aug", "rotaton=3"], "--aug rotaton=3: expected key=value with key one of"),
     (["--aug", "zoom_range=1.5"], "zoom_range 1.5: factors must stay above 0"),
     (["--monitor", "val_dice"], "--monitor val_dice: choose one of val_precision"),
-    (["--gpus", "2"], "--gpus 2: only 0 GPU(s) visible"),
+    (["--gpus", "2"], "GPU(s) visible to " + BACKEND + "; pass --gpus 0 (the CPU)"),
     (["--class-weights", "1,2,3"], "--class-weights needs 2 numbers"),
     (["--class-weights", "heavy"], "--class-weights heavy: expected auto or numbers like 1,4"),
     (["--valid-fraction", "1.5"], "Invalid value for '--valid-fraction'"),
@@ -357,8 +357,8 @@ BAD_INPUTS = [
     (["--logs-dir", "p.json/logs"], "p.json/logs: cannot create the logs folder"),
     (["--resume", "p.json"], "config.json: not found; . is not a run folder of this tool"),
     (["--weights", "."], ".: a folder, not a model file; pass best.keras, or --from-run ."),
-    (["--submit-output-dir", "p.json"], "p.json: not a folder; choose another place for the "
-                                        "submission output folder"),
+    (["--submit", "--submit-output-dir", "p.json"], "p.json: not a folder; choose another "
+                                                    "place for the submission output folder"),
     (["--valid-output-dir", "p.json/out"], "p.json/out: cannot create the validation output "
                                            "folder"),
     (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
