@@ -241,16 +241,23 @@ def test_the_tile_window_blends_to_a_smooth_partition():
     assert np.allclose(window, window.T) and np.allclose(window, window[::-1, ::-1])
 
 
+def sides_seen(model, predict):
+    """(what `predict`(model) returns, the sides of every batch the model was given)."""
+    seen = []
+    original = model.predict_on_batch
+    model.predict_on_batch = lambda batch: seen.append(batch.shape[1:3]) or original(batch)
+    try:
+        return predict(model), seen
+    finally:
+        model.predict_on_batch = original
+
+
 def test_tiled_and_whole_predictions_agree_and_tiles_stay_tile_sized():
     """A model that sees about as far as the overlap: tiles blend into the whole prediction."""
     keras.utils.set_random_seed(0)
     model = build_model("unet", filters=4, depth=1)
     image = np.random.default_rng(0).integers(0, 256, (100, 70, 3)).astype(np.uint8)
-    seen = []
-    original = model.predict_on_batch
-    model.predict_on_batch = lambda batch: seen.append(batch.shape[1:3]) or original(batch)
-    tiled = predict_tiled(model, image, tile=48, overlap=16)
-    model.predict_on_batch = original
+    tiled, seen = sides_seen(model, lambda m: predict_tiled(m, image, tile=48, overlap=16))
     whole = predict_probabilities(model, image)
     assert tiled.shape == whole.shape == (100, 70, 1)
     assert set(seen) == {(48, 48)} and len(seen) == 3 * 2      # starts 0, 32, 52 and 0, 22
@@ -263,11 +270,7 @@ def test_a_tile_that_covers_the_image_predicts_it_whole():
     """--tile 100000 on a 40x30 image: one whole-image pass, not a 100000x100000 padded tile."""
     model = build_model("unet", filters=2, depth=2)
     image = np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.uint8)
-    seen = []
-    original = model.predict_on_batch
-    model.predict_on_batch = lambda batch: seen.append(batch.shape[1:3]) or original(batch)
-    covered = predict_image(model, image, tile=100000, overlap=64)
-    model.predict_on_batch = original
+    covered, seen = sides_seen(model, lambda m: predict_image(m, image, tile=100000, overlap=64))
     assert seen == [(40, 32)]
     assert np.array_equal(covered, predict_probabilities(model, image))
 

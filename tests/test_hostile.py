@@ -543,7 +543,7 @@ def test_export_under_another_backend_is_one_line_before_anything(workdir, road_
 @pytest.mark.slow
 def test_a_run_makes_only_the_output_folders_it_writes(workdir, road_dir):
     """Validation leaves no empty submission folder beside the data; a submission no
-    validation folder; an export of saved models neither."""
+    validation folder."""
     assert cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--tta", "1",
                "--run-name", "v").exit_code == 0
     assert (workdir / "data/valid/output/v").is_dir()
@@ -553,10 +553,6 @@ def test_a_run_makes_only_the_output_folders_it_writes(workdir, road_dir):
                "--run-name", "s").exit_code == 0
     assert (road_dir / "submit_output/s/submission.csv").is_file()
     assert not (workdir / "data/valid/output/s").exists()
-    if BACKEND == "tensorflow":
-        assert cli("--weights", model, "--export", "--run-name", "e").exit_code == 0
-        assert not (workdir / "data/valid/output/e").exists()
-        assert not (workdir / "data/roadseg/submit_output").exists()
 
 
 # ---------------------------------------------------------------------------------------------
