@@ -249,7 +249,9 @@ def release_lock(folder):
 # Opening a run
 
 
-OUTPUTS = ("valid", "submit")     # what a run may write besides its folder
+# What a run may write besides its folder: kind -> what the folder is called in messages.
+OUTPUT_FOLDERS = {"valid": "validation output folder", "submit": "submission folder"}
+OUTPUTS = tuple(OUTPUT_FOLDERS)
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,10 @@ class Run:
 
     def file(self, name):
         return path(self.folder, name)
+
+    def output(self, kind):
+        """The output folder of `kind` (of OUTPUTS)."""
+        return {"valid": self.valid_dir, "submit": self.submit_dir}[kind]
 
     def fold(self, index):
         """Fold `index` of a cross-validated run: a run of its own inside this one."""
@@ -386,8 +392,8 @@ def _earlier_outputs(run):
 def refuse_foreign(run):
     """InputError when one of the run's three folders exists and the tool did not make it:
     checked before anything is created or moved."""
-    for folder, what in ((run.folder, "run folder"), (run.valid_dir, "validation output folder"),
-                         (run.submit_dir, "submission folder")):
+    for folder, what in ((run.folder, "run folder"),
+                         *((run.output(kind), what) for kind, what in OUTPUT_FOLDERS.items())):
         if folder.exists() and not is_owned(folder):
             raise InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); "
                              f"it is never used as a {what} nor moved: choose another "
@@ -443,9 +449,7 @@ def own_output_folders(run, writes=OUTPUTS):
     validates leaves no empty submission folder beside the data, nor a submission a
     validation folder."""
     for kind in writes:
-        folder, what = {"valid": (run.valid_dir, "validation output folder"),
-                        "submit": (run.submit_dir, "submission folder")}[kind]
-        own_folder(folder, what)
+        own_folder(run.output(kind), OUTPUT_FOLDERS[kind])
 
 
 def close_run(run):

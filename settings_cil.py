@@ -700,15 +700,17 @@ def earlier_run_layer(given_path, *, submit=False, refit=False):
     elif refit and not folds:
         raise InputError(f"--refit: {folder} is not a cross-validated run (--folds)")
     file, options = folder / "metrics.json", options_by_name()
+    fix = f"python main_cil.py --resume {folder} writes it again"
+    last = layer.get("epochs", math.inf)
     try:
         measured = _measured_settings(metrics, folds=folds, refit=refit)
-        if measured.get("epochs", 0) > layer.get("epochs", math.inf):
-            raise InputError("a best epoch after the run's last")
         layer.update({name: typed_value(options[name], value, file)
                       for name, value in measured.items()})
     except (AttributeError, KeyError, TypeError, InputError):
-        raise InputError(f"{file}: damaged (not as the tool writes it); python main_cil.py "
-                         f"--resume {folder} writes it again") from None
+        raise InputError(f"{file}: damaged (not as the tool writes it); {fix}") from None
+    if layer.get("epochs", 0) > last:
+        raise InputError(f"{file}: damaged (best epoch {layer['epochs']} after the run's last, "
+                         f"{last}); {fix}")
     return layer
 
 
