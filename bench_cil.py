@@ -36,19 +36,15 @@ import click
 import numpy as np
 
 from cli_cil import HELP_OPTIONS, OneLineCommand, one_line_errors
-from data_cil import InputError, find_pairs, load_pairs, synthetic_road_pair, write_json
-from devices_cil import start_backend
+from data_cil import (IMAGES_SUBDIR, InputError, find_pairs, load_pairs, synthetic_road_pair,
+                      write_json)
+from devices_cil import backend_name, start_backend
+from mask_to_submission import check_output_path
 from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,
                           installed_version, resolve_aug)
 
-# The backend first (TensorFlow without its C++ start-up lines); then what builds on it.
-BACKEND = start_backend()
-import keras
-
-from losses_cil import SegmentationLoss, training_metrics
-from mask_to_submission import check_output_path
-from model_cil import build_model
-from pipeline_cil import training_dataset
+# Keras, its backend and what builds on them are imported once the options are read
+# (main), so -h and usage errors answer at once and a bad KERAS_BACKEND is one line.
 
 MATMUL_SIDE = 4096           # large enough that numpy's BLAS runs at full speed
 TEST_SIDE = 608              # the Kaggle test images
@@ -69,7 +65,8 @@ PARTS = ("peak", "models", "pipeline", "memory", "startup", "encoders", "tiles")
 DEFAULT_PARTS = ("peak", "models", "pipeline", "memory", "startup")
 ENTRY_POINTS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py")
 BENCH_ENCODERS = ("vgg16", "resnet50", "resnet50v2", "efficientnetb0", "efficientnetb3",
-                  "efficientnetv2b0", "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
+                  "efficientnetv2b0", "convnext_tiny", "mobilenetv3small", "mobilenetv3large",
+                  "mobilenetv2", "efficientnet_lite0")
 QUICK_ENCODER = "mobilenetv3small"     # the quickest to build
 TILE_SIDES = (608, 2048, 5000)   # a test image, a larger aerial tile, a whole 5000x5000 scene
 WHOLE_LIMIT = 2048               # sides predicted whole too; 5000 whole needs >20 GiB here
@@ -95,7 +92,7 @@ def median_rate(run, repeats, items):
 
 def gpu_kind():
     """The GPU the model rows run on (JAX's device kind), or None on the CPU."""
-    if BACKEND != "jax":
+    if backend_name() != "jax":
         return None
     import jax
     device = jax.devices()[0]
@@ -140,6 +137,7 @@ def _timed(call):
 def forward_flops(model, side):
     """Multiply-adds x 2 of every convolution for one side x side image (other layers are
     memory-bound and small next to them)."""
+    import keras
     convolutions = [layer for layer in model.layers
                     if isinstance(layer, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
     probe = keras.Model(model.inputs, [layer.input for layer in convolutions])
@@ -157,6 +155,8 @@ def forward_flops(model, side):
 def training_rate(model, side, batch, steps, repeats):
     """Images/s of train steps as main_cil.py runs them (its loss and metrics), data in memory
     so only the model is timed."""
+    import keras
+    from losses_cil import SegmentationLoss, training_metrics
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=SegmentationLoss(LOSS),
                   metrics=training_metrics(1))
     rng = np.random.default_rng(0)
@@ -176,8 +176,8 @@ def inference_rate(model, side, repeats):
 
 
 def road_images(data_dir, count, side):
-    """(images, masks): the real training pairs when there, else generated roads."""
-    if (Path(data_dir) / "training/images").is_dir():
+    """(images, masks): the training pairs of `data_dir`, or generated roads where it is None."""
+    if data_dir is not None:
         return load_pairs(find_pairs(data_dir)[:count])
     rng = np.random.default_rng(0)
     pairs = [synthetic_road_pair(rng, side) for _ in range(count)]
@@ -187,9 +187,10 @@ def road_images(data_dir, count, side):
 def pipeline_rate(images, masks, crop, batch, batches, repeats):
     """(images/s, distinct mask values) of main_cil.py's training stream under this backend:
     tf.data under TensorFlow, the NumPy stream otherwise."""
+    from pipeline_cil import training_dataset
     stream = training_dataset(images, masks, batch_size=batch, aug=resolve_aug(DATA_GEN_ARGS),
                               seed=0, crop=crop)
-    batches_of = (iter(stream) if BACKEND == "tensorflow"
+    batches_of = (iter(stream) if backend_name() == "tensorflow"
                   else (stream[index] for index in itertools.count()))
     return stream_rate(batches_of, batch, batches, repeats)
 
@@ -229,7 +230,7 @@ def peak_training_memory(data_dir, quick):
     with tempfile.TemporaryDirectory() as folder:
         args = [sys.executable, str(Path(__file__).with_name("main_cil.py")), "--epochs", "1",
                 "--logs-dir", folder, "--valid-output-dir", folder, "--patience", "0"]
-        if quick or not (Path(data_dir) / "training/images").is_dir():
+        if quick or data_dir is None:
             args += ["--demo", "--limit", "8", "--count", "1"]
         else:
             args += ["--data-dir", str(Path(data_dir).resolve())]
@@ -256,6 +257,7 @@ def startup_seconds(repeats):
 
 def encoder_row_of(encoder, p):
     """Parameters, training and inference images/s of a U-Net on `encoder` (this process)."""
+    from model_cil import build_model
     model = build_model("unet", encoder=encoder)
     return dict(params=model.count_params(),
                 encoder_params=model.get_layer("encoder").count_params(),
@@ -267,6 +269,7 @@ def encoder_row_of(encoder, p):
 def in_own_process(option, value, quick):
     """Run this script with `option value` in a fresh process, under this process's precision
     policy; its JSON answer and peak MiB."""
+    import keras
     args = [sys.executable, __file__, option, str(value), "--policy",
             keras.mixed_precision.global_policy().name] + (["--quick"] if quick else [])
     answer = subprocess.run(args, check=True, capture_output=True, text=True)
@@ -275,6 +278,7 @@ def in_own_process(option, value, quick):
 
 def tile_row_of(side, quick):
     """Seconds and peak MiB of predicting one side x side image in tiles, and whole."""
+    from model_cil import build_model
     from predict_cil import predict_probabilities, predict_tiled
     model = build_model("unet")
     image = np.random.default_rng(0).integers(0, 256, (side, side, 3)).astype(np.uint8)
@@ -297,6 +301,9 @@ def peak_mib():
 
 
 def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS), chosen_encoders=()):
+    """Every part asked for, on the road pairs of `data_dir` (None: generated roads)."""
+    import keras
+    from model_cil import build_model
     p = dict(QUICK if quick else FULL, **(sizes or {}))
     rows = {}
     if "peak" in parts or "models" in parts:
@@ -336,8 +343,10 @@ def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS), chosen_enc
     if "tiles" in parts:
         sides = (96, 160) if quick else TILE_SIDES
         rows["tiles"] = {side: in_own_process("--tile-row", side, quick) for side in sides}
-    return dict(settings=p, results=rows, backend=BACKEND, device=device_name(),
-                versions={name: installed_version(name) for name in ("keras", BACKEND)})
+    backend = backend_name()
+    return dict(settings=p, results=rows, backend=backend, device=device_name(),
+                data=str(data_dir) if data_dir else "generated roads",
+                versions={name: installed_version(name) for name in ("keras", backend)})
 
 
 def markdown(report):
@@ -399,6 +408,19 @@ def markdown(report):
     return "\n".join(lines)
 
 
+def measured_data(data_dir, given):
+    """The folder whose road pairs the pipeline and memory runs read, or None for generated
+    roads: InputError when a --data-dir `given` on the command line holds no pairs, which would
+    otherwise be measured on generated images without a word."""
+    if (Path(data_dir) / IMAGES_SUBDIR).is_dir():
+        return Path(data_dir)
+    if given:
+        raise InputError(f"--data-dir {data_dir}: no {IMAGES_SUBDIR} folder inside; pass a "
+                         "folder of road pairs, or leave --data-dir out to measure on generated "
+                         "roads")
+    return None
+
+
 def check_replaceable(output):
     """InputError when `output` is a file that holds no earlier results of the benchmark (a JSON
     object with their policy): the benchmark replaces its own results, never another file."""
@@ -414,6 +436,7 @@ def check_replaceable(output):
 
 
 @click.command(cls=OneLineCommand, context_settings=HELP_OPTIONS)
+@click.pass_context
 @click.option("--quick", is_flag=True, help="Tiny sizes and few repetitions: a smoke test.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=DATA_DIR, show_default=True,
               help="Road images for the pipeline and memory runs (generated ones if missing).")
@@ -434,9 +457,12 @@ def check_replaceable(output):
               help="With --part encoders: only these (repeatable) [default: all listed].")
 @click.option("--encoder-row", hidden=True)
 @click.option("--tile-row", type=int, hidden=True)
-def main(quick, data_dir, output, policy, parts, side, batch, rows, encoders, encoder_row,
+def main(ctx, quick, data_dir, output, policy, parts, side, batch, rows, encoders, encoder_row,
          tile_row):
     """Measure training, inference and input speed against the machine's peak."""
+    with one_line_errors():
+        start_backend()       # TensorFlow without its C++ start-up lines; a bad KERAS_BACKEND
+    import keras
     keras.mixed_precision.set_global_policy(policy)
     if encoder_row or tile_row:                     # one row, in its own process
         p = QUICK if quick else FULL
@@ -446,6 +472,11 @@ def main(quick, data_dir, output, policy, parts, side, batch, rows, encoders, en
     with one_line_errors():                        # before minutes of measuring, not after
         check_replaceable(output)
         check_output_path(output, force=True, example=output.name)
+        data_dir = measured_data(data_dir, ctx.get_parameter_source("data_dir")
+                                 != click.core.ParameterSource.DEFAULT)
+    if data_dir is None and set(parts or DEFAULT_PARTS) & {"pipeline", "memory"}:
+        click.echo(f"note: no road pairs in {DATA_DIR}: the pipeline and memory runs use "
+                   "generated roads")
     sizes = {key: value for key, value in (("crop", side), ("batch", batch)) if value}
     with one_line_errors(memory_hint="lower --side or --batch"):
         report = dict(measure(data_dir, quick, parts or DEFAULT_PARTS, sizes,

@@ -21,8 +21,11 @@ IMAGES_SUBDIR = Path("training/images")
 MASKS_SUBDIR = Path("training/groundtruth")
 TEST_LAYOUTS = ("test_set_images/*/*", "test_images/*")   # EPFL: test_N/test_N.png, CIL: test_N.png
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+# A number in a file name or a CSV id: ASCII digits only, in both directions of the converter
+# (\d, int() and str.isdigit also take "١", an Arabic-Indic one).
+NUMBER = "[0-9]+"
 # A numbered image is named <letters>_<number>: test_12.png, satImage_001.png, mask_007.png.
-NUMBERED_NAME = re.compile(r"[A-Za-z]+_(\d+)")
+NUMBERED_NAME = re.compile(rf"[A-Za-z]+_({NUMBER})")
 MASK_THRESHOLD = 128         # road pixels are 237 with anti-aliased edges, not 255
 MAX_NAMES_SHOWN = 3          # file names listed in one error line before "and N more"
 MAX_IMAGE_SIDE = 16384       # pixels; larger images are refused (a 16384^2 RGB image is 768 MiB)
@@ -79,6 +82,17 @@ def write_text(path, text):
     return write_atomically(path, lambda p: p.write_text(text))
 
 
+def unique_keys(pairs):
+    """json.loads' object_pairs_hook for files people write (grids, configs): the object, or
+    ValueError naming a key given twice, whose first value JSON would drop without a word."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} is given twice; keep one value")
+        seen.add(key)
+    return dict(pairs)
+
+
 def write_json(path, data):
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
@@ -117,15 +131,15 @@ class Pair:
         return self.image.name
 
 
-def _image_files(folder):
+def _image_files(folder, option):
     if not folder.is_dir():
-        raise InputError(f"{folder}: folder not found; pass --data-dir with "
+        raise InputError(f"{folder}: folder not found; pass {option} with "
                          f"{IMAGES_SUBDIR}/ and {MASKS_SUBDIR}/ inside")
     files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise InputError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder; "
-                         "add them or pass another --data-dir")
+                         f"add them or pass another {option}")
     return files
 
 
@@ -145,11 +159,12 @@ def _listed(names):
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def find_pairs(data_dir):
-    """Image/mask pairs matched by file name (extension aside), sorted by name."""
+def find_pairs(data_dir, option="--data-dir"):
+    """Image/mask pairs matched by file name (extension aside), sorted by name; errors name the
+    `option` that gave the folder."""
     data_dir = Path(data_dir)
-    images = _by_stem(_image_files(data_dir / IMAGES_SUBDIR))
-    masks = _by_stem(_image_files(data_dir / MASKS_SUBDIR))
+    images = _by_stem(_image_files(data_dir / IMAGES_SUBDIR, option))
+    masks = _by_stem(_image_files(data_dir / MASKS_SUBDIR, option))
     if missing := images.keys() - masks.keys():
         names = _listed([images[stem].name for stem in missing])
         raise InputError(f"{data_dir / IMAGES_SUBDIR}: {names} "
@@ -231,13 +246,16 @@ def read_image(path, notes=None):
         raise InputError(f"{path}: shape {array.shape} is not an image with 1 to 4 channels; "
                          "save it as grey, RGB or RGBA")
     channels = array.shape[-1]
+    # An opaque alpha channel (the CIL 2022 images') says nothing: such images are RGB.
+    transparent = channels in (2, 4) and bool((array[..., -1] < 255).any())
     if channels in (2, 4):
         array = array[..., :-1]                      # drop alpha
     if channels in (1, 2):
         array = np.repeat(array, 3, axis=-1)
-    if notes is not None and channels != 3:
+    if notes is not None and (channels in (1, 2) or transparent):
         kind = {1: "grey", 2: "grey with alpha", 4: "RGBA"}[channels]
-        notes.setdefault(f"{kind} images converted to RGB", []).append(Path(path).name)
+        dropped = ", transparency dropped" if transparent else ""
+        notes.setdefault(f"{kind} images converted to RGB{dropped}", []).append(Path(path).name)
     return array
 
 

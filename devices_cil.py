@@ -5,6 +5,8 @@ The one module that asks which backend runs; TensorFlow is imported only when it
 """
 
 import contextlib
+import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,38 @@ from data_cil import InputError
 CORE_VARIABLES = ("SLURM_CPUS_PER_TASK", "LSB_DJOB_NUMPROC")
 BFLOAT16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}   # /proc/cpuinfo's names
 BFLOAT16_GPU_CAPABILITY = 8.0  # NVIDIA from Ampere on multiply bfloat16 at float16's rate
+# The Keras backends this tool runs on (each is also the module it imports), and the command
+# that installs each where it is missing.
+BACKEND_INSTALLS = {"tensorflow": "pip install -r requirements.txt",
+                    "jax": "pip install -r requirements-jax.txt",
+                    "torch": "pip install torch==2.13.0 (its CPU build)"}
+DEFAULT_BACKEND = "tensorflow"   # Keras' own default
+
+
+def chosen_backend():
+    """The backend Keras will start, read as Keras reads it (KERAS_BACKEND, else the
+    "backend" of $KERAS_HOME/keras.json or ~/.keras/keras.json, else TensorFlow), and checked
+    before Keras is imported: InputError naming the variable, the allowed values and the
+    install command of a backend that is missing, instead of Keras' traceback."""
+    name = os.environ.get("KERAS_BACKEND")
+    where = f"KERAS_BACKEND={name}"
+    if name is None:
+        config = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "keras.json"
+        try:
+            name = json.loads(config.read_text()).get("backend")
+            where = f"{config} (backend {name})"
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if not isinstance(name, str):
+            name, where = DEFAULT_BACKEND, "KERAS_BACKEND is unset, so Keras runs on TensorFlow"
+    allowed = ", ".join(BACKEND_INSTALLS)
+    if name not in BACKEND_INSTALLS:
+        raise InputError(f"{where}: not a backend of this tool; set KERAS_BACKEND to one of "
+                         f"{allowed} (unset: {DEFAULT_BACKEND})")
+    if importlib.util.find_spec(name) is None:
+        raise InputError(f"{where}: {name} is not installed here; {BACKEND_INSTALLS[name]}, or "
+                         f"set KERAS_BACKEND to another of {allowed} that is")
+    return name
 
 
 def backend_name():
@@ -47,11 +81,13 @@ def start_backend(quiet=True, cpu_only=False):
     """Import Keras with its backend; TensorFlow with its C++ info and warning lines off (the
     CPU-feature banner among them), its devices listed once: without a GPU driver, that first
     look prints a CUDA error line. `cpu_only` (--gpus 0) hides the GPUs from JAX and PyTorch,
-    which choose their devices when they start. Returns the backend's name."""
+    which choose their devices when they start. Returns the backend's name; InputError for one
+    that is unknown or not installed (chosen_backend)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if cpu_only and os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+    if cpu_only and chosen_backend() != "tensorflow":
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    chosen_backend()
     with c_stderr_silenced(quiet):
         name = backend_name()
         if name == "tensorflow":

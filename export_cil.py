@@ -21,22 +21,27 @@ _FLOAT_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, "images")
 
 
 class _Serving(tf.Module):
-    """The model with what prediction does around it: images of any size are reflect-padded to
-    what the model accepts, predicted, and cropped back; uint8 or float 0..255 pixels in,
-    probabilities out."""
+    """The models with what prediction does around them: images of any size are reflect-padded
+    to what each model accepts, predicted, and cropped back; uint8 or float 0..255 pixels in,
+    probabilities out, the mean of the models' where there are several (--weights repeated, a
+    cross-validated run's folds), as the tool predicts with them."""
 
-    def __init__(self, model):
+    def __init__(self, models):
         super().__init__()
-        self.model = model
-        self.multiple = required_multiple(model)
+        self.models = list(models)
+        self.multiples = [required_multiple(model) for model in self.models]
 
     def _predict(self, images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]
-        # (m - h % m) % m, not -h % m: ONNX's Mod of a negative number keeps its sign
-        padding = [[0, 0], [0, (self.multiple - height % self.multiple) % self.multiple],
-                   [0, (self.multiple - width % self.multiple) % self.multiple], [0, 0]]
-        padded = tf.pad(tf.cast(images, tf.float32), padding, mode="SYMMETRIC")
-        return {"probabilities": self.model(padded, training=False)[:, :height, :width, :]}
+        images = tf.cast(images, tf.float32)
+        probabilities = []
+        for model, multiple in zip(self.models, self.multiples):
+            # (m - h % m) % m, not -h % m: ONNX's Mod of a negative number keeps its sign
+            padding = [[0, 0], [0, (multiple - height % multiple) % multiple],
+                       [0, (multiple - width % multiple) % multiple], [0, 0]]
+            padded = tf.pad(images, padding, mode="SYMMETRIC")
+            probabilities.append(model(padded, training=False)[:, :height, :width, :])
+        return {"probabilities": tf.add_n(probabilities) / len(probabilities)}
 
     @tf.function(input_signature=[_FLOAT_IMAGES])
     def serve_float(self, images):
@@ -47,8 +52,9 @@ class _Serving(tf.Module):
         return self._predict(images)
 
 
-def export_saved_model(model, folder):
-    """Write `folder` as a TensorFlow SavedModel that loads with `tf.saved_model.load` alone:
+def export_saved_model(models, folder):
+    """Write `folder` as a TensorFlow SavedModel of the mean of `models` (one or several) that
+    loads with `tf.saved_model.load` alone:
     signatures serving_default (float32 pixels 0..255) and serving_uint8, each taking a batch
     (N, H, W, 3) of any H and W and returning {"probabilities": (N, H, W, classes)}. Where
     tf2onnx is installed, serving_default also goes into ONNX_FILE, for ONNX Runtime without
@@ -59,7 +65,7 @@ def export_saved_model(model, folder):
     folder = Path(folder)
     partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
-    serving = _Serving(model)
+    serving = _Serving(models)
     try:
         tf.saved_model.save(serving, str(partial), signatures={
             "serving_default": serving.serve_float.get_concrete_function(),

@@ -12,6 +12,7 @@ runs_cil.py the run folder, and TensorFlow is imported only once a run really st
 
 import contextlib
 import difflib
+import hashlib
 import math
 import os
 import signal
@@ -66,6 +67,28 @@ def load(pairs, settings):
     images, masks = load_pairs(pairs, settings.classes, palette_of(settings), notes)
     for note, names in notes.items():
         echo(f"note: {len(names)} {note} (first: {names[0]})")
+    return images, masks
+
+
+def _pixels_digest(image):
+    return hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
+
+
+def extra_training_set(settings, official):
+    """(images, masks) of the --extra-data folders, for training only (never validated, scored
+    or tuned on); InputError for an extra image with the same pixels as one of `official`
+    (pairs, images: every pair of --data-dir), which would put validation images into training."""
+    if not settings.extra_data:
+        return [], []
+    pairs = [pair for folder in settings.extra_data for pair in find_pairs(folder, "--extra-data")]
+    images, masks = load(pairs, settings)
+    known = {_pixels_digest(image): pair for pair, image in zip(*official)}
+    for pair, image in zip(pairs, images):
+        if twin := known.get(_pixels_digest(image)):
+            raise InputError(f"{pair.image}: the same pixels as {twin.image} of --data-dir, which "
+                             "may be validated on; remove it from the --extra-data folder")
+    echo(f"extra data: {len(pairs)} pairs from {', '.join(map(str, settings.extra_data))}, "
+         f"shown {settings.extra_count or settings.count}x per epoch, for training only")
     return images, masks
 
 
@@ -173,15 +196,19 @@ def build_and_compile(settings, steps_per_epoch, class_weights):
     return model
 
 
-def train(settings, run, place, train_images, train_masks, class_weights, valid=None):
-    """Build (or reload the run's checkpoint), compile and fit; returns the RunCheckpoint."""
+def train(settings, run, place, train_images, train_masks, class_weights, valid=None,
+          extra=([], [])):
+    """Build (or reload the run's checkpoint), compile and fit on the training pairs and the
+    `extra` (images, masks) of --extra-data; returns the RunCheckpoint."""
     import keras
     from model_cil import load_model, required_multiple
     from pipeline_cil import training_dataset, validation_arrays, validation_batches
     from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, progress_kind,
                            run_callbacks, stop_on_signals)
     global_batch = settings.batch_size * place.replicas
-    steps = math.ceil(len(train_images) * settings.count / global_batch)
+    extra_count = settings.extra_count or settings.count
+    shown = len(train_images) * settings.count + len(extra[0]) * extra_count
+    steps = math.ceil(shown / global_batch)
     state = read_state(run.folder)
     with place.scope():
         if state:
@@ -192,17 +219,19 @@ def train(settings, run, place, train_images, train_masks, class_weights, valid=
     crop = settings.crop or None
     sample = f"{crop}x{crop} crops" if crop else "whole images"
     encoder = f" on {settings.encoder}" if settings.encoder else ""
+    extras = f" + {len(extra[0])} extra ({extra_count}x)" if extra[0] else ""
     echo(f"model {settings.model}{encoder}: {model.count_params():,} parameters; training on "
-         f"{len(train_images)} images ({sample}, {settings.count}x per epoch), batch "
+         f"{len(train_images)} images ({sample}, {settings.count}x per epoch){extras}, batch "
          f"{global_batch}, {steps} steps per epoch, up to {settings.epochs} epochs")
     if state:
         within = f", {state['step']} steps into epoch {state['epoch'] + 1}" if state["step"] else ""
         echo(f"resuming from the checkpoint after epoch {state['epoch']}{within}")
 
     def stream(step):
-        return training_dataset(train_images, train_masks, batch_size=global_batch,
-                                aug=settings.aug, seed=settings.seed, count=settings.count,
-                                crop=crop, start_step=step)
+        return training_dataset([*train_images, *extra[0]], [*train_masks, *extra[1]],
+                                batch_size=global_batch, aug=settings.aug, seed=settings.seed,
+                                count=settings.count, crop=crop, start_step=step,
+                                extra=len(extra[0]), extra_count=extra_count)
 
     valid_data, panel = (None, None), None
     if valid:
@@ -229,14 +258,16 @@ def train(settings, run, place, train_images, train_masks, class_weights, valid=
 # Commands
 
 
-def finish(settings, run, model, report=None):
-    """After training or loading: the SavedModel export when asked, and the HParams entry of
-    a validated run (its learned settings and validation table)."""
+def finish(settings, run, models, report=None):
+    """After training or loading: the SavedModel export of the models (their mean, as they
+    predicted) when asked, and the HParams entry of a validated run (its learned settings and
+    validation table)."""
     from board_cil import log_hparams
     if settings.export:
         from export_cil import ONNX_FILE, export_saved_model
-        export, no_onnx = export_saved_model(model, run.file("export_dir"))
-        echo(f"exported a SavedModel: {export}" + (
+        export, no_onnx = export_saved_model(models, run.file("export_dir"))
+        mean = f" (the mean of {len(models)} models)" if len(models) > 1 else ""
+        echo(f"exported a SavedModel{mean}: {export}" + (
             f" (no {ONNX_FILE}: {no_onnx})" if no_onnx else
             f"; for ONNX Runtime: {export / ONNX_FILE}"))
     if report:
@@ -255,16 +286,17 @@ def preflight(settings, images):
         backbone(settings.encoder, settings.encoder_weights)
 
 
-def validated_run(settings, run, place, train_set, valid_set):
-    """Train on train_set and validate on valid_set, each (pairs, images, masks): the best
-    model, its full-size validation (outputs, table, metrics.json); returns its probabilities."""
+def validated_run(settings, run, place, train_set, valid_set, extra):
+    """Train on train_set (and the `extra` images and masks) and validate on valid_set, each
+    (pairs, images, masks): the best model, its full-size validation (outputs, table,
+    metrics.json); returns its probabilities."""
     from model_cil import load_model
     from predict_cil import predicted
     from report_cil import report_validation
     (_, train_images, train_masks), (valid_pairs, valid_images, valid_masks) = train_set, valid_set
-    class_weights = resolved_class_weights(settings, train_masks)
+    class_weights = resolved_class_weights(settings, [*train_masks, *extra[1]])
     checkpoint = train(settings, run, place, train_images, train_masks, class_weights,
-                       valid=(valid_images, valid_masks))
+                       valid=(valid_images, valid_masks), extra=extra)
     echo(f"\nbest {settings.monitor} {checkpoint.best:.4f} at epoch {checkpoint.best_epoch}"
          f" of {len(checkpoint.epoch_seconds)}; model: {run.file('best_model')}")
     model = load_model(run.file("best_model"))
@@ -273,7 +305,7 @@ def validated_run(settings, run, place, train_set, valid_set):
                                probabilities, palette_of(settings))
     write_json(run.file("metrics"), dict(checkpoint.summary(), class_weights=class_weights,
                                          **report))
-    finish(settings, run, model, report)
+    finish(settings, run, [model], report)
     return probabilities
 
 
@@ -282,7 +314,9 @@ def train_and_validate(settings):
     train_pairs, valid_pairs = split_pairs(pairs, settings.valid_fraction, settings.seed)
     train_set = (train_pairs, *load(train_pairs, settings))
     valid_set = (valid_pairs, *load(valid_pairs, settings))
-    preflight(settings, train_set[1])
+    extra = extra_training_set(settings, ([*train_pairs, *valid_pairs],
+                                          [*train_set[1], *valid_set[1]]))
+    preflight(settings, [*train_set[1], *extra[0]])
     place = placement(settings)
     with opened_run(settings) as run:
         write_json(run.file("split"), dict(seed=settings.seed,
@@ -291,7 +325,7 @@ def train_and_validate(settings):
                                            valid=[p.name for p in valid_pairs]))
         echo(f"data {settings.data_dir}: {len(pairs)} pairs, {len(train_pairs)} train, "
              f"{len(valid_pairs)} valid (names in {run.file('split')})")
-        validated_run(settings, run, place, train_set, valid_set)
+        validated_run(settings, run, place, train_set, valid_set, extra)
 
 
 def cross_validation_run(settings, pairs, assignment):
@@ -333,7 +367,8 @@ def cross_validate(settings):
     from report_cil import cross_validation_report, write_oof
     pairs = selected_pairs(settings)
     images, masks = load(pairs, settings)
-    preflight(settings, images)
+    extra = ([], []) if settings.weights else extra_training_set(settings, (pairs, images))
+    preflight(settings, [*images, *extra[0]])
     assignment = fold_assignment([float(np.mean(mask > 0)) for mask in masks], settings.folds,
                                  settings.seed)
     place = placement(settings)
@@ -360,7 +395,8 @@ def cross_validate(settings):
             if settings.weights:
                 probabilities = revalidated_fold(fold_settings, run, valid_set)
             else:
-                probabilities = validated_run(fold_settings, run, place, train_set, valid_set)
+                probabilities = validated_run(fold_settings, run, place, train_set, valid_set,
+                                              extra)
             write_oof(run.file("oof"), valid_set[0], valid_set[2], probabilities)
     finished = [fold for fold in range(settings.folds)
                 if path(fold_folder(parent.folder, fold), "oof").is_file()]
@@ -406,17 +442,18 @@ def train_and_submit(settings):
     pairs = selected_pairs(settings)
     images, masks = load(pairs, settings)
     tests = find_test_images(settings.data_dir)    # fail now, not after hours of training
-    preflight(settings, images)
-    class_weights = resolved_class_weights(settings, masks)
+    extra = extra_training_set(settings, (pairs, images))
+    preflight(settings, [*images, *extra[0]])
+    class_weights = resolved_class_weights(settings, [*masks, *extra[1]])
     place = placement(settings)
     with opened_run(settings) as run:
         echo(f"data {settings.data_dir}: training on all {len(pairs)} pairs (no validation)")
-        checkpoint = train(settings, run, place, images, masks, class_weights)
+        checkpoint = train(settings, run, place, images, masks, class_weights, extra=extra)
         model = load_model(run.file("best_model"))
         submission = write_test_predictions([model], settings, run, tests, palette_of(settings))
         write_json(run.file("metrics"), dict(checkpoint.summary(), class_weights=class_weights,
                                              submission=submission))
-        finish(settings, run, model)
+        finish(settings, run, [model])
 
 
 def predict_with_weights(settings):
@@ -441,11 +478,11 @@ def predict_with_weights(settings):
         with opened_run(settings) as run:
             submission = write_test_predictions(models, settings, run, tests, palette_of(settings))
             write_json(run.file("metrics"), dict(weights=weights, submission=submission))
-            finish(settings, run, models[0])
+            finish(settings, run, models)
         return
     if settings.export:
         with opened_run(settings) as run:
-            finish(settings, run, models[0])
+            finish(settings, run, models)
         return
     _, valid_pairs = split_pairs(selected_pairs(settings), settings.valid_fraction, settings.seed)
     images, masks = load(valid_pairs, settings)
@@ -453,7 +490,7 @@ def predict_with_weights(settings):
         report = report_validation(settings, run, valid_pairs, images, masks,
                                    predicted(models, images, settings), palette_of(settings))
         write_json(run.file("metrics"), dict(weights=weights, **report))
-        finish(settings, run, models[0], report)
+        finish(settings, run, models, report)
 
 
 def fetch_weights(name):

@@ -16,16 +16,16 @@ import click
 import numpy as np
 
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineCommand, one_line_errors
-from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, InputError, image_number, read_array,
-                      write_png, write_text)
+from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, NUMBER, InputError, image_number,
+                      read_array, write_png, write_text)
 
 # The Kaggle facts, here and nowhere else (losses_cil and predict_cil import them).
 PATCH_SIZE = 16              # the grader scores 16x16 patches
 FOREGROUND_THRESHOLD = 0.25  # a patch is road when its mean mask value exceeds this
 HEADER = "id,prediction"
-# An id is three whole numbers in ASCII digits (int() alone would take "+1", " 1" or "١"); a
+# An id is three whole numbers (data_cil.NUMBER: int() alone would take "+1", " 1" or "١"); a
 # minus sign is matched only to name it in its own error.
-PATCH_ID = re.compile(r"(-?[0-9]+)_(-?[0-9]+)_(-?[0-9]+)")
+PATCH_ID = re.compile(rf"(-?{NUMBER})_(-?{NUMBER})_(-?{NUMBER})")
 
 
 def mask_fraction(array, path="mask"):

@@ -17,8 +17,9 @@ import keras
 import numpy as np
 from keras import layers
 
+from backbones_cil import (efficientnet_lite0, lite_preprocessing, mobilenet_v2,
+                           torchvision_preprocessing)
 from data_cil import InputError
-
 from settings_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODER_POOLINGS, ENCODERS, FILTERS, INIT,
                           MODEL_NAMES, TINY_UNET_POOLINGS)
 from weights_cil import PACKAGED, cached_weights_only, load_file, load_packaged
@@ -216,8 +217,9 @@ def _caffe_preprocessing():
                                                                        -123.68]))
 
 
-# settings_cil.ENCODERS -> (keras.applications constructor, the preprocessing of 0..255 RGB it
-# expects outside itself: None where the backbone includes its own)
+# settings_cil.ENCODERS -> (keras.applications constructor, or backbones_cil's for the encoders
+# whose weights come from PyTorch checkpoints; the preprocessing of 0..255 RGB it expects
+# outside itself: None where the backbone includes its own)
 APPLICATIONS = keras.applications
 BACKBONES = {
     "vgg16": (APPLICATIONS.VGG16, _caffe_preprocessing),
@@ -229,6 +231,8 @@ BACKBONES = {
     "convnext_tiny": (APPLICATIONS.ConvNeXtTiny, None),
     "mobilenetv3small": (APPLICATIONS.MobileNetV3Small, None),
     "mobilenetv3large": (APPLICATIONS.MobileNetV3Large, None),
+    "mobilenetv2": (mobilenet_v2, torchvision_preprocessing),
+    "efficientnet_lite0": (efficientnet_lite0, lite_preprocessing),
 }
 
 

@@ -5,7 +5,8 @@ numbers into the 8 projective coefficients of one element (written once, over Nu
 TensorFlow arithmetic); `resample` applies them as TensorFlow's ImageProjectiveTransformV3 does
 (bilinear image, nearest mask, the same four fill modes), in NumPy. Under TensorFlow the stream
 is a tf.data chain, the fastest on CPUs (parallel C++ maps, that very op); under JAX or PyTorch
-a NumPy stream feeds Keras (tests check both give the same pixels for the same draws).
+a NumPy stream feeds Keras. Both take the order and the draws from NumPy's generator (`draws`,
+`pass_order`), so a seed gives the same batches under every backend (tests check it).
 
 An image and its mask travel together as one element from the first read to the batch. Every
 random draw is keyed by (seed, position in the stream), so a run, and a run resumed after a
@@ -162,43 +163,60 @@ def perturb_pair(image, mask, u, aug, out_size):
 
 
 def draws(seed, position):
-    """The DRAWS uniform numbers of element `position` of the stream of `seed` (NumPy)."""
+    """The DRAWS uniform numbers of element `position` of the stream of `seed`: NumPy's
+    generator keyed by both, the one source of every perturbation under every backend."""
     return np.random.default_rng([seed, position]).random(len(DRAWS)).astype(np.float32)
 
 
-def pass_order(count, images, seed, pass_index):
-    """The image of every element of one pass: each image `count` times, in an order shuffled
-    by (seed, pass)."""
-    return np.random.default_rng([seed, pass_index, 1]).permutation(
-        np.arange(images * count) % images)
+def pass_template(images, count, extra=0, extra_count=0):
+    """The image of every element of one pass, unshuffled: each of the first `images - extra`
+    images `count` times, then each of the last `extra` (--extra-data) `extra_count` times."""
+    official = images - extra
+    return np.concatenate([np.arange(official * count) % official,
+                           official + np.arange(extra * extra_count) % max(extra, 1)])
+
+
+def pass_order(template, seed, pass_index):
+    """The pass template in the order shuffled by (seed, pass)."""
+    return np.random.default_rng([seed, pass_index, 1]).permutation(template)
+
+
+def pass_draws(template, seed, pass_index):
+    """(image of each element, its draws) for one whole pass: int64 (n,), float32 (n, DRAWS)."""
+    first = int(pass_index) * len(template)
+    return (pass_order(template, seed, int(pass_index)).astype(np.int64),
+            np.stack([draws(seed, first + k) for k in range(len(template))]))
 
 
 # ---------------------------------------------------------------------------------------------
 # Streams
 
 
-def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None, start_step=0):
+def training_dataset(images, masks, *, batch_size, aug, seed, count=1, crop=None, start_step=0,
+                     extra=0, extra_count=0):
     """Endless batches of (image float32 0..255 (B, h, w, 3), mask float32 (B, h, w, 1)), from
     optimizer step `start_step` on: a tf.data dataset under TensorFlow, a Keras PyDataset
     otherwise.
 
-    Each pass over the training set shows every image `count` times in an order shuffled by
-    (seed, pass); element k of the stream is perturbed with the draws of (seed, k). Starting at
-    `start_step` continues a run exactly where it stopped.
+    Each pass over the training set shows every image `count` times (the last `extra` images,
+    --extra-data, `extra_count` times) in an order shuffled by (seed, pass); element k of the
+    stream is perturbed with the draws of (seed, k). Starting at `start_step` continues a run
+    exactly where it stopped.
     """
     import keras
     out_size = train_sample_size(images, crop, aug)
+    template = pass_template(len(images), count, extra, extra_count)
     if keras.backend.backend() == "tensorflow":
-        return _tf_dataset(images, masks, batch_size, aug, seed, count, out_size, start_step)
-    return _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_step)
+        return _tf_dataset(images, masks, batch_size, aug, seed, template, out_size, start_step)
+    return _numpy_stream(images, masks, batch_size, aug, seed, template, out_size, start_step)
 
 
-def _element_images(position, images, count, seed):
-    per_pass = len(images) * count
-    return int(pass_order(count, len(images), seed, position // per_pass)[position % per_pass])
+def _element_images(position, template, seed):
+    per_pass = len(template)
+    return int(pass_order(template, seed, position // per_pass)[position % per_pass])
 
 
-def _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_step):
+def _numpy_stream(images, masks, batch_size, aug, seed, template, out_size, start_step):
     import keras
     masks = [mask[..., None] if mask.ndim == 2 else mask for mask in masks]
 
@@ -206,7 +224,7 @@ def _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_s
         first = step * batch_size
         pairs = []
         for position in range(first, first + batch_size):
-            which = _element_images(position, images, count, seed)
+            which = _element_images(position, template, seed)
             pairs.append(perturb_pair(images[which], masks[which], draws(seed, position), aug,
                                       out_size))
         return (np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs]))
@@ -235,26 +253,26 @@ def _numpy_stream(images, masks, batch_size, aug, seed, count, out_size, start_s
     return NumpyStream()
 
 
-def _tf_dataset(images, masks, batch_size, aug, seed, count, out_size, start_step):
+def _tf_dataset(images, masks, batch_size, aug, seed, template, out_size, start_step):
     import tensorflow as tf
     tf_math = SimpleNamespace(where=tf.where, floor=tf.math.floor, round=tf.math.round,
                               cos=tf.math.cos, sin=tf.math.sin, stack=tf.stack,
                               asarray=lambda value, dtype: tf.cast(value, dtype))
     image_store, mask_store = _flat_store(images, tf), _flat_store(masks, tf)
-    per_pass = len(images) * count
+    per_pass = len(template)
     first = start_step * batch_size
 
     def one_pass(pass_index):
-        """(image index, stream position) of every element of one pass."""
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(per_pass, dtype=tf.int64) % len(images), seed=tf.stack([seed, pass_index]))
-        positions = pass_index * per_pass + tf.range(per_pass, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((order, positions))
+        """(image index, draws) of every element of one pass, drawn by NumPy as the NumPy
+        stream draws them, so a seed means the same crops under every backend."""
+        order, u = tf.numpy_function(lambda index: pass_draws(template, seed, index),
+                                     [pass_index], [tf.int64, tf.float32], stateful=False)
+        order.set_shape([per_pass])
+        u.set_shape([per_pass, len(DRAWS)])
+        return tf.data.Dataset.from_tensor_slices((order, u))
 
-    def element(index, position):
+    def element(index, u):
         image, mask = _fetch(image_store, index, tf), _fetch(mask_store, index, tf)
-        u = tf.random.stateless_uniform([len(DRAWS)], seed=tf.stack([
-            tf.constant(seed, tf.int64), position]))
         in_size = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
         transform = perturbation_transform(u, aug, in_size, out_size, xp=tf_math)
         image = _tf_resample(tf.cast(image, tf.float32), transform, out_size, "BILINEAR",

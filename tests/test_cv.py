@@ -99,3 +99,46 @@ def test_folds_run_as_grid_jobs_share_one_cross_validated_run(workdir, road_dir)
     assert rows[0]["status"] == "finished" and "sd" in columns
     assert rows[0]["patch_f1"] == cross_validation("jobs/cvgrid/single")["spread"][
         "patch_f1"]["mean"]
+
+
+def test_extra_pairs_train_every_fold_but_are_never_validated_scored_or_tuned_on(
+        workdir, road_dir, monkeypatch):
+    import pipeline_cil
+    import predict_cil
+    from data_cil import load_pairs, find_pairs, write_synthetic_dataset
+    extra_dir = write_synthetic_dataset(workdir / "extra", count=4, size=64, seed=9)
+    for path in extra_dir.glob("training/*/*.png"):
+        path.rename(path.with_name(path.name.replace("synthetic", "extra")))
+    extra = {image.tobytes() for image in load_pairs(find_pairs(extra_dir))[0]}
+    trained, validated = [], []
+    original_stream, original_valid = pipeline_cil.training_dataset, pipeline_cil.validation_arrays
+    original_predicted = predict_cil.predicted
+
+    def stream(images, masks, **options):
+        trained.append(({image.tobytes() for image in images}, options["extra"]))
+        return original_stream(images, masks, **options)
+
+    def valid_arrays(images, masks, multiple):
+        validated.extend(image.tobytes() for image in images)
+        return original_valid(images, masks, multiple)
+
+    def predicted(models, images, settings):
+        validated.extend(image.tobytes() for image in images)
+        return original_predicted(models, images, settings)
+
+    monkeypatch.setattr(pipeline_cil, "training_dataset", stream)
+    monkeypatch.setattr(pipeline_cil, "validation_arrays", valid_arrays)
+    monkeypatch.setattr(predict_cil, "predicted", predicted)
+    result = cli("--data-dir", road_dir, *TINY, "--folds", "2", "--patience", "0", "--tta", "1",
+                 "--extra-data", extra_dir, "--extra-count", "2", "--run-name", "cv")
+    assert result.exit_code == 0, result.output
+    assert "extra data: 4 pairs from" in result.output
+    assert result.output.count("+ 4 extra (2x)") == 2
+    assert len(trained) >= 2 and all(extra <= images and count == 4 for images, count in trained)
+    assert validated and not extra & set(validated)
+    names = {path.name for path in (extra_dir / "training/images").iterdir()}
+    oof = [json.loads(Path(f"logs/cv/fold-{fold}/split.json").read_text()) for fold in (0, 1)]
+    assert not names & {name for split in oof for name in split["valid"] + split["train"]}
+    assert not names & set(json.loads(Path("logs/cv/split.json").read_text())["fold_of"])
+    outputs = [path.name for path in Path("data/valid/output/cv").rglob("*.png")]
+    assert outputs and not any(name.startswith("extra") for name in outputs)

@@ -1,12 +1,14 @@
 """Finding, reading, checking and splitting image/mask pairs."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from data_cil import (InputError, Pair, binary_mask, class_mask, find_pairs, find_test_images,
                       fold_assignment, load_pairs, parse_palette, read_image, split_pairs,
                       write_json_once)
-from tests.conftest import make_pair, rgb, road_mask, save
+from tests.conftest import TINY, cli, make_pair, rgb, road_mask, save
 
 
 def test_pairs_are_matched_by_name_whatever_the_extension(tmp_path):
@@ -50,14 +52,18 @@ def test_a_mask_of_class_numbers_is_refused_as_binary_naming_enough_classes(top,
         binary_mask(np.array([[0, 1], [top, 0]], np.uint8), "m.png")
 
 
-def test_grey_and_rgba_images_become_rgb_with_a_note(tmp_path):
+def test_grey_and_rgba_images_become_rgb_with_a_note_unless_opaque(tmp_path):
     grey = save(tmp_path / "grey.png", rgb()[..., 0])
-    rgba = save(tmp_path / "rgba.png", np.dstack([rgb(), np.full((32, 32), 255, np.uint8)]))
+    alpha = np.full((32, 32), 255, np.uint8)
+    opaque = save(tmp_path / "opaque.png", np.dstack([rgb(), alpha]))
+    alpha[0, 0] = 254
+    rgba = save(tmp_path / "rgba.png", np.dstack([rgb(), alpha]))
     notes = {}
     assert read_image(grey, notes).shape == (32, 32, 3)
-    assert read_image(rgba, notes).shape == (32, 32, 3)
+    assert np.array_equal(read_image(opaque, notes), rgb())
+    assert np.array_equal(read_image(rgba, notes), rgb())
     assert notes == {"grey images converted to RGB": ["grey.png"],
-                     "RGBA images converted to RGB": ["rgba.png"]}
+                     "RGBA images converted to RGB, transparency dropped": ["rgba.png"]}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -149,3 +155,26 @@ def test_a_file_written_once_is_never_replaced(tmp_path):
     assert not write_json_once(tmp_path / "c.json", {"a": 2})
     assert (tmp_path / "c.json").read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_an_extra_image_with_the_pixels_of_a_data_image_is_refused(workdir, road_dir):
+    extra_dir = workdir / "extra"
+    for sub in ("training/images", "training/groundtruth"):
+        (extra_dir / sub).mkdir(parents=True)
+        source = sorted((road_dir / sub).iterdir())[3]
+        (extra_dir / sub / "copy.png").write_bytes(source.read_bytes())
+    result = cli("--data-dir", road_dir, *TINY, "--extra-data", extra_dir)
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "copy.png" in line and source.name in line
+    assert not Path("logs").exists()
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--extra-data", "nowhere"], "nowhere/training/images: folder not found; pass --extra-data"),
+    (["--extra-count", "1"], "--extra-count 1"),
+])
+def test_extra_data_options_that_cannot_work_are_one_line(workdir, road_dir, options, named):
+    result = cli("--data-dir", road_dir, *TINY, *options)
+    assert result.exit_code == 2 and named in result.output.strip().splitlines()[-1], result.output
+    assert not Path("logs").exists()

@@ -30,6 +30,22 @@ def test_an_exported_model_predicts_alone_like_the_keras_model(workdir, tmp_path
     assert config["settings"]["export"] is True
 
 
+def test_repeated_weights_export_the_mean_of_the_models(workdir, tmp_path):
+    """--weights A --weights B predicts with the mean of A and B; --export writes that mean,
+    not A alone, with each model's input multiple respected (4 and 8 here)."""
+    first, second = build_unet(filters=4, depth=2), build_unet(filters=3, depth=3)
+    first.save(workdir / "a.keras")
+    second.save(workdir / "b.keras")
+    result = cli("--weights", "a.keras", "--weights", "b.keras", "--export", "--run-name", "e")
+    assert result.exit_code == 0, result.output
+    assert "exported a SavedModel (the mean of 2 models)" in result.output
+    image = np.random.default_rng(1).integers(0, 256, (20, 28, 3)).astype(np.uint8)  # not /8
+    float_out, _ = predicted_alone(workdir / "logs/e/export", image, tmp_path)
+    a, b = (predict_probabilities(model, image) for model in (first, second))
+    assert not np.allclose(a, b, atol=1e-3)
+    assert np.allclose(float_out, (a + b) / 2, atol=1e-5)
+
+
 RUN_ONNX = """
 import sys
 import numpy as np
@@ -69,7 +85,7 @@ def test_a_second_export_of_a_run_replaces_the_first_whole(tmp_path):
     first, second = build_unet(filters=2, depth=1), build_unet(filters=3, depth=1)
     image = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype(np.float32)
     for model in (first, second):
-        folder, _ = export_saved_model(model, tmp_path / "export")
+        folder, _ = export_saved_model([model], tmp_path / "export")
     loaded = tf.saved_model.load(str(folder)).signatures["serving_default"]
     out = loaded(images=tf.constant(image))["probabilities"].numpy()
     assert np.allclose(out, second.predict_on_batch(image), atol=1e-5)

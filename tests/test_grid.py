@@ -126,6 +126,16 @@ def test_colliding_and_long_values_get_distinct_bounded_ids(tmp_path):
     assert len(long) <= grid_cil.JOB_ID_LENGTH and long != job_id({"data_dir": Path("x" * 299)})
 
 
+@pytest.mark.parametrize("text", ['{"lr": 0.1, "lr": 0.2}',
+                                  '{"lr": [0.1], "resources": {"cores": 1, "cores": 2}}'])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text):
+    path = tmp_path / "twice.json"
+    path.write_text(text)
+    with pytest.raises(GridError) as error:
+        load_grid(path)
+    assert "twice.json" in str(error.value) and "given twice" in str(error.value)
+
+
 @pytest.mark.parametrize("name", ["..", "a;b", "-x"])
 def test_a_grid_file_name_is_one_safe_folder_name(tmp_path, name):
     path = tmp_path / f"{name}.json"

@@ -12,7 +12,7 @@ import pytest
 from data_cil import InputError
 from settings_cil import (CONFIG_EXCLUDED, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES,
                           RESUME_OVERRIDES, Settings, learned_names)
-from tests.conftest import REPO, cli, resolved, saved_run
+from tests.conftest import REPO, checkpoint_state, cli, resolved, saved_run
 
 
 def test_precedence_command_line_environment_config_recipe_default(workdir, monkeypatch):
@@ -61,6 +61,14 @@ def test_config_file_errors_name_the_key_and_the_closest_option(workdir, content
     assert "Traceback" not in result.output and not (workdir / "logs").exists()
 
 
+def test_a_config_key_given_twice_is_refused(workdir):
+    config = workdir / "c.json"
+    config.write_text('{"epochs": 3, "epochs": 4}')
+    result = cli("--config", config)
+    assert result.exit_code == 2 and "c.json" in result.output and "'epochs'" in result.output
+    assert not (workdir / "logs").exists()
+
+
 def test_settings_are_immutable_and_replace_records_the_source():
     settings = resolved()
     with pytest.raises(AttributeError):
@@ -75,6 +83,7 @@ def test_settings_are_immutable_and_replace_records_the_source():
 NOT_DEFAULT = dict(
     data_dir="elsewhere", limit=5, valid_fraction=0.3, seed=7, classes=3, palette=None,
     aug={"rotation_range": 12.0}, no_aug=True, crop=64, count=2, model="unet++", filters=5,
+    extra_data=("more",), extra_count=1,
     encoder="vgg16", encoder_weights="imagenet", freeze_encoder=2, encoder_lr_scale=4.0,
     depth=3, dropout=0.25, batchnorm=False, activation="leaky_relu", init="he_uniform",
     weight_decay=0.01, epochs=9, batch_size=3, lr=0.05, optimizer="sgd", rho=0.5, momentum=0.7,
@@ -94,6 +103,8 @@ def test_resume_restores_every_learned_option(workdir):
             assert settings.epochs == 20                # a resumed run may train longer
         elif name == "data_dir":
             assert str(settings.data_dir) == value
+        elif name == "extra_data":
+            assert [str(folder) for folder in settings.extra_data] == list(value)
         elif value is not None:
             assert settings[name] == value != defaults[name], name
     # a fold's run (fold=1) belongs to the cross-validated run that holds it, here "logs"
@@ -171,6 +182,10 @@ def python_modules_after(code):
     "import runpy, sys\nsys.argv = ['mask_to_submission.py', '--help']\n"
     "try:\n    runpy.run_path('mask_to_submission.py', run_name='__main__')\nexcept SystemExit:\n"
     "    pass",
+    "import runpy, sys\nsys.argv = ['bench_cil.py', '--help']\n"
+    "try:\n    runpy.run_path('bench_cil.py', run_name='__main__')\nexcept SystemExit:\n    pass",
+    "import runpy, sys\nsys.argv = ['bench_cil.py', '--part', 'nothing']\n"
+    "try:\n    runpy.run_path('bench_cil.py', run_name='__main__')\nexcept SystemExit:\n    pass",
 ])
 def test_help_usage_errors_grid_and_converter_never_import_tensorflow(code):
     result = python_modules_after(code)
@@ -186,7 +201,7 @@ def test_a_usage_error_is_one_line_and_quick(workdir):
                                                    "mean one of: '--depth', '--epochs'")
 
 
-TOOLS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py")
+TOOLS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py", "bench_cil.py")
 
 
 @pytest.mark.parametrize("tool", TOOLS)
@@ -198,6 +213,44 @@ def test_every_tool_takes_h_and_says_a_usage_error_in_one_line(tool):
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and wrong.stdout == ""
     assert wrong.stderr.splitlines() == ["error: No such option '--no-such-option'."]
+
+
+def missing_backend():
+    """A backend this tool runs on that is not installed here, or None."""
+    import importlib.util
+    from devices_cil import BACKEND_INSTALLS
+    return next((name for name in BACKEND_INSTALLS if importlib.util.find_spec(name) is None),
+                None)
+
+
+@pytest.mark.parametrize("backend", ["bogus", "TensorFlow", "missing"])
+@pytest.mark.parametrize("command", [["main_cil.py", "--demo"], ["main_cil.py", "--resume", "x"],
+                                     ["main_cil.py", "--weights", "m.keras"],
+                                     ["bench_cil.py", "--quick"]])
+def test_a_keras_backend_that_cannot_start_is_one_line_before_anything_is_made(tmp_path, backend,
+                                                                               command):
+    if backend == "missing":
+        backend = missing_backend()
+        if backend is None:
+            pytest.skip("every backend is installed here")
+    if "--resume" in command:
+        saved_run(tmp_path / "x")
+        checkpoint_state(tmp_path / "x")
+    if "--weights" in command:
+        (tmp_path / "m.keras").write_bytes(b"")
+    before = sorted(tmp_path.rglob("*"))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CIL_")}
+    result = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(env, KERAS_BACKEND=backend))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: KERAS_BACKEND={backend}: ") and "tensorflow" in line
+    assert sorted(tmp_path.rglob("*")) == before
+    helped = subprocess.run([sys.executable, str(REPO / command[0]), "-h"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(env, KERAS_BACKEND=backend))
+    assert helped.returncode == 0 and helped.stdout.startswith("Usage: ")
 
 
 def test_the_grid_help_shows_the_grid_file_form_and_whole_command_lines():

@@ -91,3 +91,15 @@ def test_patch_means_average_partial_edge_patches_like_the_courses_script():
     mask[16:, 32:] = 1.0                                  # the 4x8 corner patch, all road
     means = m2s.patch_means(mask)
     assert means.shape == (2, 3) and means[1, 2] == 1.0 and means.sum() == 1.0
+
+
+def test_a_non_ascii_digit_is_no_image_number_in_either_direction(tmp_path):
+    save(tmp_path / "masks/test_\u0661.png", mask_with_patch(0, 0, size=32))   # Arabic-Indic 1
+    with pytest.raises(InputError, match="not a numbered image name"):
+        m2s.masks_to_csv(tmp_path / "masks", tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
+    csv = tmp_path / "back.csv"
+    csv.write_text("id,prediction\n\u0661_0_0,1\n")
+    runner = CliRunner()
+    result = runner.invoke(m2s.main, ["--to-masks", str(csv), "-o", str(tmp_path / "back")])
+    assert result.exit_code == 2 and not (tmp_path / "back").exists()
