@@ -36,8 +36,8 @@ import click
 import numpy as np
 
 from cli_cil import HELP_OPTIONS, OneLineCommand, one_line_errors
-from data_cil import (IMAGES_SUBDIR, InputError, find_pairs, load_pairs, synthetic_road_pair,
-                      write_json)
+from data_cil import IMAGES_SUBDIR, find_pairs, load_pairs, synthetic_road_pair
+from io_cil import InputError, write_json
 from devices_cil import backend_name, start_backend
 from mask_to_submission import check_output_path
 from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from data_cil import InputError, os_error_line
+from io_cil import InputError, os_error_line
 
 USAGE_EXIT = 2               # click's code for a usage error, and ours for every bad input
 MEMORY_EXIT = 1              # out of memory: the input may be fine, the machine too small

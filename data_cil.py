@@ -1,21 +1,19 @@
-"""Reading, checking and splitting image/mask pairs, writing files atomically, and the synthetic
-road images behind `--demo` and the tests. No TensorFlow here: the Kaggle converter and the
-command line's checks read images without loading it (the tf.data pipeline is pipeline_cil.py).
+"""Pairs in, arrays out: finding, reading, checking and splitting image/mask pairs, and the
+synthetic road images behind `--demo` and the tests. No TensorFlow here: the Kaggle converter and
+the command line's checks read images without loading it (the tf.data pipeline is
+pipeline_cil.py).
 """
 
-import contextlib
-import errno
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio.v3
 import numpy as np
 import skimage.io
 import skimage.transform
+
+from io_cil import InputError, write_png
 
 IMAGES_SUBDIR = Path("training/images")
 MASKS_SUBDIR = Path("training/groundtruth")
@@ -29,96 +27,6 @@ NUMBERED_NAME = re.compile(rf"[A-Za-z]+_({NUMBER})")
 MASK_THRESHOLD = 128         # road pixels are 237 with anti-aliased edges, not 255
 MAX_NAMES_SHOWN = 3          # file names listed in one error line before "and N more"
 MAX_IMAGE_SIDE = 16384       # pixels; larger images are refused (a 16384^2 RGB image is 768 MiB)
-
-
-class InputError(Exception):
-    """A problem with the user's files or options, reported as one line without a traceback."""
-
-
-# errno -> what a user can do about a file that cannot be written or read
-OS_ERROR_FIXES = {
-    errno.ENOSPC: "no space left on the device; free some (df -h) and run again",
-    errno.EDQUOT: "disk quota exceeded; free some space or choose a folder with quota left",
-    errno.EROFS: "read-only file system; choose a writable folder",
-    errno.EACCES: "permission denied; make it writable or choose another folder",
-    errno.EPERM: "not permitted; make it writable or choose another folder",
-    errno.ENAMETOOLONG: "name too long for the file system; choose a shorter path",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
-    errno.EISDIR: "is a folder, not a file; choose another path",
-}
-SHOWN_PATH_CHARACTERS = 160  # a path longer than this is shown shortened in an error line
-
-
-def os_error_line(error, path=None):
-    """One line for a failed file operation: the file, what happened, what to do."""
-    name = str(error.filename if error.filename is not None else path or "?")
-    if len(name) > SHOWN_PATH_CHARACTERS:
-        name = f"{name[:SHOWN_PATH_CHARACTERS // 2]}...{name[-SHOWN_PATH_CHARACTERS // 2:]}"
-    fix = OS_ERROR_FIXES.get(error.errno, f"{error.strerror or error}")
-    return f"{name}: {fix}"
-
-
-def write_atomically(path, write):
-    """Call write(temporary_path), then rename it over `path`: a reader, or a run killed
-    mid-write, sees the old file or the new one, never half of one. The temporary name starts
-    with a dot and keeps the suffix, so file finders skip it and writers recognise the format."""
-    path = Path(path)
-    # One temporary name per writer: two processes writing the same file never share one.
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.partial"
-                               f"{path.suffix}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise InputError(os_error_line(error, path)) from None
-    finally:
-        with contextlib.suppress(OSError):         # gone already, or its folder unreadable
-            temporary.unlink(missing_ok=True)
-    return path
-
-
-def write_text(path, text):
-    """A text file written atomically."""
-    return write_atomically(path, lambda p: p.write_text(text))
-
-
-def unique_keys(pairs):
-    """json.loads' object_pairs_hook for files people write (grids, configs): the object, or
-    ValueError naming a key given twice, whose first value JSON would drop without a word."""
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"key {key!r} is given twice; keep one value")
-        seen.add(key)
-    return dict(pairs)
-
-
-def write_json(path, data):
-    return write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def write_json_once(path, data):
-    """Write `path` only if no file is there, whole or not at all, even when several processes
-    try at once; returns whether this call wrote it."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}-{secrets.token_hex(3)}.partial"
-                               f"{path.suffix}")
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
-        os.link(temporary, path)               # fails if the file exists, atomically
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-
-
-def write_png(path, array):
-    """An image file written atomically; encoded in memory first, so a write that fails (a full
-    disk) is one OSError of the write itself, not of an encoder left half-open."""
-    encoded = imageio.v3.imwrite("<bytes>", np.asarray(array), extension=Path(path).suffix)
-    return write_atomically(path, lambda p: p.write_bytes(encoded))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from data_cil import InputError
+from io_cil import InputError
 
 # Threads the backend may use, from what the scheduler granted the job (else all cores).
 CORE_VARIABLES = ("SLURM_CPUS_PER_TASK", "LSB_DJOB_NUMPROC")

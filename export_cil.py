@@ -13,6 +13,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from io_cil import temporary_name
 from model_cil import required_multiple
 
 ONNX_FILE = "model.onnx"      # in the export folder, when tf2onnx is installed
@@ -63,8 +64,7 @@ def export_saved_model(models, folder):
 
     Returns (folder, why ONNX_FILE is missing, or None)."""
     folder = Path(folder)
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    replaced = folder.with_name(f".{folder.name}.{os.getpid()}.replaced")
+    partial, replaced = temporary_name(folder), temporary_name(folder, "replaced")
     serving = _Serving(models)
     try:
         tf.saved_model.save(serving, str(partial), signatures={

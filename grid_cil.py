@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 
 from cli_cil import HELP_OPTIONS, OneLineUsage, one_line_errors
-from data_cil import InputError, unique_keys, write_json, write_json_once, write_text
+from io_cil import InputError, unique_keys, write_json, write_json_once, write_text
 from runs_cil import (FILES, FOLD_PREFIX, OWNER_FILE, RUN_NAME, STOP_SIGNALS, check_run_name,
                       fold_folder, host_name, lock_owner, own_folder, path, process_alive,
                       read_exit_code, read_json, read_metrics, read_state, set_aside)

@@ -25,9 +25,9 @@ import numpy as np
 
 from cli_cil import one_line_errors
 from devices_cil import placement, start_backend
-from data_cil import (InputError, find_pairs, find_test_images, fold_assignment, load_pairs,
-                      os_error_line, parse_palette, split_pairs, train_sample_size, write_json,
-                      write_json_once, write_synthetic_dataset)
+from data_cil import (find_pairs, find_test_images, fold_assignment, load_pairs, parse_palette,
+                      split_pairs, train_sample_size, write_synthetic_dataset)
+from io_cil import InputError, os_error_line, write_json, write_json_once
 from runs_cil import (FOLD_PREFIX, Run, TrainingDiverged, TrainingInterrupted, close_run,
                       fold_folder, open_run, own_folder, own_output_folders, path, read_json,
                       read_metrics, read_record, read_state, refuse_foreign, run_folder_of)

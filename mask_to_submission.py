@@ -8,7 +8,6 @@ its row (top-left pixel), columns in the outer loop, images by number: the order
 course's own mask_to_submission.py.
 """
 
-import os
 import re
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import click
 import numpy as np
 
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineCommand, one_line_errors
-from data_cil import (IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, NUMBER, InputError, image_number,
-                      read_array, write_png, write_text)
+from data_cil import IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, NUMBER, image_number, read_array
+from io_cil import InputError, writable, write_png, write_text
 
 # The Kaggle facts, here and nowhere else (losses_cil and predict_cil import them).
 PATCH_SIZE = 16              # the grader scores 16x16 patches
@@ -103,9 +102,7 @@ def check_output_path(path, force, example="submission.csv"):
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist; create it or choose "
                          "another output path")
-    if not os.access(path.parent, os.W_OK | os.X_OK):      # read-only mounts stop root too
-        raise InputError(f"{path}: folder {path.parent} is not writable; make it writable or "
-                         "choose another output path")
+    writable(path.parent, "output folder")             # read-only mounts stop root too
     if path.exists() and not path.is_file():     # a device such as /dev/null, a socket, ...
         raise InputError(f"{path}: exists and is not a regular file; choose another path")
     if path.exists() and not force:

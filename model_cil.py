@@ -19,7 +19,7 @@ from keras import layers
 
 from backbones_cil import (efficientnet_lite0, lite_preprocessing, mobilenet_v2,
                            torchvision_preprocessing)
-from data_cil import InputError
+from io_cil import InputError
 from settings_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODER_POOLINGS, ENCODERS, FILTERS, INIT,
                           MODEL_NAMES, TINY_UNET_POOLINGS)
 from weights_cil import PACKAGED, cached_weights_only, load_file, load_packaged

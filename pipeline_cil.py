@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from data_cil import InputError, train_sample_size
+from data_cil import train_sample_size
+from io_cil import InputError
 
 # The uniform draws in [0, 1) of one element, by position in its vector of draws.
 DRAWS = ("angle", "shear", "zoom_x", "zoom_y", "flip_x", "flip_y", "turn", "left", "top",

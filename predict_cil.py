@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from data_cil import read_image, write_png
+from data_cil import read_image
+from io_cil import write_png
 from mask_to_submission import FOREGROUND_THRESHOLD, write_submission
 from model_cil import required_multiple
 from runs_cil import SUBMISSION_FILE

@@ -6,7 +6,7 @@ out-of-fold predictions with their table. Predictions themselves come from predi
 import click
 import numpy as np
 
-from data_cil import write_atomically
+from io_cil import write_atomically
 from losses_cil import evaluation_metrics
 from mask_to_submission import FOREGROUND_THRESHOLD, patch_means
 from predict_cil import decided_thresholds, patch_words, write_validation_outputs

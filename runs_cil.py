@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import secrets
 import signal
 import socket
 import zipfile
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from data_cil import InputError, os_error_line, write_json, write_json_once
+from io_cil import (InputError, damaged, os_error_line, read_json, temporary_name, writable,
+                    write_json, write_json_once)
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")   # one path component, no dot first
 TRASH_DIR = ".trash"
@@ -89,27 +89,6 @@ def run_folder_of(path_given):
 def is_run(folder):
     """A started run: it has its config.json (a folder a scheduler reserved has not, yet)."""
     return path(folder, "config").is_file()
-
-
-def read_json(file, fix="restore it from a copy, or delete it"):
-    """The JSON object in `file`, None when there is no file; InputError naming the file and
-    the `fix` when it is damaged (cut short, hand-edited, not an object)."""
-    file = Path(file)
-    if not file.is_file():
-        return None
-    try:
-        content = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"{file}: damaged, not readable JSON ({str(error)[:80]}); {fix}") \
-            from None
-    if not isinstance(content, dict):
-        raise InputError(f"{file}: damaged, not a JSON object; {fix}")
-    return content
-
-
-def damaged(file, what, fix):
-    """The InputError for a run file whose content is not what the tool wrote."""
-    return InputError(f"{file}: damaged ({what}); {fix}")
 
 
 def read_record(folder):
@@ -222,7 +201,7 @@ def acquire_lock(folder):
                          f"{owner.get('started', '?')}; wait for it, or delete {lock} if that "
                          "process is gone")
     if lock.exists() and owner is None:
-        stale = lock.with_name(f".{lock.name}.{os.getpid()}.stale")
+        stale = temporary_name(lock, "stale")
         try:
             os.replace(lock, stale)              # one remover wins; the others find nothing
             stale.unlink()
@@ -306,9 +285,7 @@ def make_folder(folder, what):
                          f"{folder.parent} writable or choose another folder") from None
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder; choose another place for the {what}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{folder}: the {what} is not writable; make it writable or choose "
-                         "another folder")
+    writable(folder, what)
 
 
 def own_folder(folder, what, instead="choose another --run-name or another folder for the runs"):
@@ -318,8 +295,7 @@ def own_folder(folder, what, instead="choose another --run-name or another folde
     folder = Path(folder)
     if not folder.exists():
         make_folder(folder.parent, f"folder that holds the {what}s")
-        temporary = folder.with_name(f".{folder.name}.{os.getpid()}-{secrets.token_hex(3)}"
-                                     ".partial")
+        temporary = temporary_name(folder)
         try:
             temporary.mkdir()
         except OSError as error:
@@ -336,9 +312,7 @@ def own_folder(folder, what, instead="choose another --run-name or another folde
     if not is_owned(folder):
         raise InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); "
                          f"the tool never writes into or moves it: {instead}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{folder}: the {what} is not writable; make it writable or choose "
-                         "another folder")
+    writable(folder, what)
     return folder
 
 

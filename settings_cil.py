@@ -24,7 +24,7 @@ import click
 from click.core import ParameterSource
 
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineUsage, finite
-from data_cil import InputError, unique_keys
+from io_cil import InputError, unique_keys
 from mask_to_submission import FOREGROUND_THRESHOLD
 from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
                       read_state, run_folder_of)

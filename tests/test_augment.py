@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pipeline_cil
-from data_cil import InputError
+from io_cil import InputError
 from pipeline_cil import (DRAWS, draws, perturb_pair, perturbation_transform, resample,
                           training_dataset)
 from settings_cil import AUG_NEUTRAL, FILL_MODES, NO_PERTURBATION, aug_overrides, resolve_aug

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_cil import (InputError, Pair, binary_mask, class_mask, find_pairs, find_test_images,
-                      fold_assignment, load_pairs, parse_palette, read_image, split_pairs,
-                      write_json_once)
+from data_cil import (Pair, binary_mask, class_mask, find_pairs, find_test_images, fold_assignment,
+                      load_pairs, parse_palette, read_image, split_pairs)
+from io_cil import InputError, write_json_once
 from tests.conftest import TINY, cli, make_pair, rgb, road_mask, save
 
 

@@ -19,7 +19,8 @@ import mask_to_submission as m2s
 import model_cil
 import train_cil
 from cli_cil import FiniteFloat, out_of_memory_line
-from data_cil import InputError, train_sample_size
+from data_cil import train_sample_size
+from io_cil import InputError
 from model_cil import build_unet
 from runs_cil import close_run, is_owned, open_run, own_folder
 from settings_cil import NO_PERTURBATION, OPTIONS

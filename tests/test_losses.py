@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from data_cil import InputError
+from io_cil import InputError
 from losses_cil import (LOSS_FUNCTIONS, METRIC_FORMULAS, SegmentationLoss, SegmentationMetric,
                         auto_class_weights, evaluation_metrics, training_metrics)
 from settings_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss

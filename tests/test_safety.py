@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 import grid_cil
 import mask_to_submission as m2s
-from data_cil import InputError, image_number, write_atomically
+from data_cil import image_number
+from io_cil import InputError, write_atomically
 from main_cil import main
 from predict_cil import write_test_predictions
 from runs_cil import OWNER_FILE, close_run, host_name, open_run, own_folder

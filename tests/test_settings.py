@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from data_cil import InputError
+from io_cil import InputError
 from settings_cil import (CONFIG_EXCLUDED, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES,
                           RESUME_OVERRIDES, Settings, learned_names)
 from tests.conftest import REPO, checkpoint_state, cli, resolved, saved_run

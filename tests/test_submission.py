@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 import mask_to_submission as m2s
-from data_cil import InputError
+from io_cil import InputError
 from tests.conftest import save
 
 
