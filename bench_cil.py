@@ -40,8 +40,8 @@ from data_cil import IMAGES_SUBDIR, find_pairs, load_pairs, synthetic_road_pair
 from io_cil import InputError, write_json
 from devices_cil import backend_name, start_backend
 from mask_to_submission import check_output_path
-from settings_cil import (BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES,
-                          installed_version, resolve_aug)
+from options_cil import BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES, resolve_aug
+from settings_cil import installed_version
 
 # Keras, its backend and what builds on them are imported once the options are read
 # (main), so -h and usage errors answer at once and a bad KERAS_BACKEND is one line.
@@ -53,7 +53,7 @@ MODEL_KEYS = {"model": "name", "filters": "filters", "depth": "depth", "dropout"
 
 
 def recipe_model(recipe):
-    """The builder options of a recipe's model, as settings_cil.RECIPES has them."""
+    """The builder options of a recipe's model, as options_cil.RECIPES has them."""
     return {MODEL_KEYS[key]: value for key, value in RECIPES[recipe].items() if key in MODEL_KEYS}
 
 

@@ -42,8 +42,8 @@ from io_cil import InputError, unique_keys, write_json, write_json_once, write_t
 from runs_cil import (FILES, FOLD_PREFIX, OWNER_FILE, RUN_NAME, STOP_SIGNALS, check_run_name,
                       fold_folder, host_name, lock_owner, own_folder, path, process_alive,
                       read_exit_code, read_json, read_metrics, read_state, set_aside)
-from settings_cil import (CONTEXT, OPTIONS, flag_word, monitored_metrics, option_for,
-                          resolve_settings, typed_value)
+from options_cil import CONTEXT, OPTIONS, flag_word, monitored_metrics
+from settings_cil import option_for, resolve_settings, typed_value
 
 REPO = Path(__file__).resolve().parent
 JOBS_DIR = Path("jobs")

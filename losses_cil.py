@@ -9,8 +9,7 @@ import keras
 from keras import ops
 
 from mask_to_submission import FOREGROUND_THRESHOLD, PATCH_SIZE
-from settings_cil import (METRIC_KINDS, PATCH_METRIC_KINDS, PIXEL_THRESHOLD, metric_name,
-                          parse_loss)
+from options_cil import METRIC_KINDS, PATCH_METRIC_KINDS, PIXEL_THRESHOLD, metric_name, parse_loss
 
 EPSILON = 1e-7               # keeps log() and divisions finite at predictions of exactly 0 or 1
 DICE_SMOOTH = 1.0            # NVIDIA's dice_coe smoothing: an empty mask predicted empty scores 1
@@ -94,7 +93,7 @@ def _patch_f1_loss(target, prob, loss):
     return 1 - (2 * both + DICE_SMOOTH) / (ops.sum(truth) + ops.sum(soft) + DICE_SMOOTH)
 
 
-LOSS_FUNCTIONS = {                           # one per name of settings_cil.LOSS_TERMS
+LOSS_FUNCTIONS = {                           # one per name of options_cil.LOSS_TERMS
     "bce": _cross_entropy,
     "weighted_bce": _cross_entropy,          # with the weights resolved by the caller
     "dice": _dice_loss,
@@ -162,7 +161,7 @@ def mask_counts(mask, classes):
     return [int((mask == index).sum()) for index in range(classes)]
 
 
-# settings_cil.METRIC_KINDS -> scores per class from the confusion counts (tp, fp, fn, tn)
+# options_cil.METRIC_KINDS -> scores per class from the confusion counts (tp, fp, fn, tn)
 METRIC_FORMULAS = {
     "precision": lambda tp, fp, fn, tn: ops.divide_no_nan(tp, tp + fp),
     "recall": lambda tp, fp, fn, tn: ops.divide_no_nan(tp, tp + fn),

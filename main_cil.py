@@ -6,15 +6,14 @@ generated roads in under a minute.
     python main_cil.py --submit              # train on all images, test masks and the CSV
     python main_cil.py --submit --weights logs/<run>/best.keras   # predict with a saved model
 
-This file is the command line and the order of the work; settings_cil.py owns the settings,
-runs_cil.py the run folder, and TensorFlow is imported only once a run really starts.
+This file is the command line and the order of the work; options_cil.py owns what a user can
+type, settings_cil.py how a run's settings are resolved, runs_cil.py the run folder, and
+TensorFlow is imported only once a run really starts.
 """
 
 import contextlib
-import difflib
 import hashlib
 import math
-import os
 import signal
 import sys
 from datetime import datetime
@@ -24,17 +23,18 @@ import click
 import numpy as np
 
 from cli_cil import one_line_errors
-from devices_cil import placement, start_backend
 from data_cil import (find_pairs, find_test_images, fold_assignment, load_pairs, parse_palette,
                       split_pairs, train_sample_size, write_synthetic_dataset)
-from io_cil import InputError, os_error_line, write_json, write_json_once
+from devices_cil import placement, start_backend
+from io_cil import InputError, os_error_line, read_json, write_json, write_json_once
+from options_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES, OPTIONS,
+                         GroupedCommand, input_multiple, learned_names, parse_class_weights,
+                         parse_loss, tile_error)
 from runs_cil import (FOLD_PREFIX, Run, TrainingDiverged, TrainingInterrupted, close_run,
-                      fold_folder, open_run, own_folder, own_output_folders, path, read_json,
-                      read_metrics, read_record, read_state, refuse_foreign, run_folder_of)
-from settings_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES,
-                          ENV_PREFIX, OPTIONS, GroupedCommand, config_record, input_multiple,
-                          learned_names, parse_class_weights, parse_loss, resolve_settings,
-                          tile_error)
+                      fold_folder, open_run, own_folder, own_output_folders, path, read_metrics,
+                      read_record, read_state, refuse_foreign, run_folder_of)
+from settings_cil import check_environment_names, config_record, resolve_settings
+from weights_cil import fetch_imagenet
 
 # What to lower when memory runs out: the sizes that decide a step's activations.
 MEMORY_HINT = ("lower --batch-size or --crop for training, --filters or --depth for the model, "
@@ -493,26 +493,6 @@ def predict_with_weights(settings):
         finish(settings, run, models, report)
 
 
-def fetch_weights(name):
-    """--fetch-weights: the encoder's ImageNet weights into Keras' cache, downloaded if missing."""
-    from keras.src.backend.config import keras_home
-    from model_cil import backbone
-    network = backbone(name, "imagenet")
-    echo(f"{name}: ImageNet weights ({network.count_params():,} parameters) are in Keras' cache "
-         f"{Path(keras_home()).expanduser() / 'models'}; jobs find them there (or set KERAS_HOME "
-         "to a shared copy)")
-
-
-def check_environment_names():
-    """InputError for a CIL_ variable that names no option: it would be ignored silently."""
-    known = [f"{ENV_PREFIX}_{option.name.upper()}" for option in OPTIONS]
-    for variable in sorted(os.environ):
-        if variable.startswith(f"{ENV_PREFIX}_") and variable not in known:
-            match = difflib.get_close_matches(variable, known, n=1)
-            guess = f"did you mean {match[0]}?" if match else f"they are {ENV_PREFIX}_<OPTION>"
-            raise InputError(f"environment {variable}: names no option of main_cil.py; {guess}")
-
-
 def run(settings):
     backend = start_backend(quiet=not settings.debug, cpu_only=settings.gpus == 0)
     if settings.export and backend != "tensorflow":
@@ -520,7 +500,9 @@ def run(settings):
                          "cannot; run with KERAS_BACKEND=tensorflow (its best.keras loads there "
                          "as it is), or leave --export out")
     if settings.fetch_weights:
-        fetch_weights(settings.fetch_weights)
+        parameters, cache = fetch_imagenet(settings.fetch_weights)
+        echo(f"{settings.fetch_weights}: ImageNet weights ({parameters:,} parameters) are in "
+             f"Keras' cache {cache}; jobs find them there (or set KERAS_HOME to a shared copy)")
     elif settings.folds:
         cross_validate(settings)
     elif settings.weights:

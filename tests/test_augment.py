@@ -10,7 +10,7 @@ import pipeline_cil
 from io_cil import InputError
 from pipeline_cil import (DRAWS, draws, perturb_pair, perturbation_transform, resample,
                           training_dataset)
-from settings_cil import AUG_NEUTRAL, FILL_MODES, NO_PERTURBATION, aug_overrides, resolve_aug
+from options_cil import AUG_NEUTRAL, FILL_MODES, NO_PERTURBATION, aug_overrides, resolve_aug
 from tests.conftest import needs_tensorflow
 
 EVERYTHING = dict(rotation_range=40, width_shift_range=0.1, height_shift_range=3,

@@ -12,7 +12,7 @@ import weights_cil
 from model_cil import (BACKBONES, backbone, build_model, encoder_layer, feature_indices,
                        required_multiple)
 from predict_cil import predict_image, predict_probabilities, predict_tiled, tile_window
-from settings_cil import ENCODERS
+from options_cil import ENCODERS
 from tests.conftest import BACKEND, TINY, cli
 from train_cil import RunCheckpoint, make_optimizer
 

@@ -23,7 +23,7 @@ from data_cil import train_sample_size
 from io_cil import InputError
 from model_cil import build_unet
 from runs_cil import close_run, is_owned, open_run, own_folder
-from settings_cil import NO_PERTURBATION, OPTIONS
+from options_cil import NO_PERTURBATION, OPTIONS
 from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb,
                             save, saved_run)
 

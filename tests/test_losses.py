@@ -7,7 +7,7 @@ import pytest
 from io_cil import InputError
 from losses_cil import (LOSS_FUNCTIONS, METRIC_FORMULAS, SegmentationLoss, SegmentationMetric,
                         auto_class_weights, evaluation_metrics, training_metrics)
-from settings_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss
+from options_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss
 from model_cil import build_unet
 from tests.conftest import needs_tensorflow
 

@@ -7,7 +7,7 @@ import pytest
 from losses_cil import SegmentationLoss
 from model_cil import (BUILDERS, FusedBatchNormalization, build_model, build_tiny_unet,
                        build_unet, required_multiple)
-from settings_cil import MODEL_NAMES, TINY_UNET_POOLINGS, input_multiple
+from options_cil import MODEL_NAMES, TINY_UNET_POOLINGS, input_multiple
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 80), (400 // 16 * 16, 64)])

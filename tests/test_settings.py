@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from io_cil import InputError
-from settings_cil import (CONFIG_EXCLUDED, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES,
-                          RESUME_OVERRIDES, Settings, learned_names)
+from options_cil import GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES, learned_names
+from settings_cil import CONFIG_EXCLUDED, RESUME_OVERRIDES, Settings
 from tests.conftest import REPO, checkpoint_state, cli, resolved, saved_run
 
 

@@ -18,7 +18,7 @@ from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
 import weights_cil
 from main_cil import main
 from model_cil import build_unet
-from settings_cil import AUG_NEUTRAL, NO_PERTURBATION, resolve_aug
+from options_cil import AUG_NEUTRAL, NO_PERTURBATION, resolve_aug
 from tests.conftest import TINY, checkpoint_state, cli, needs_tensorflow, resolved
 from train_cil import RunCheckpoint, learning_rate, make_optimizer, run_callbacks
 
