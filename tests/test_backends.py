@@ -81,6 +81,7 @@ def test_a_local_grid_runs_its_jobs_under_this_backend(tmp_path, road_dir):
     from click.testing import CliRunner
 
     import grid_cil
+    import jobs_cil
     (tmp_path / "g.json").write_text(json.dumps({
         "data-dir": str(road_dir), "filters": [2], "depth": 2, "crop": 32, "epochs": 1,
         "count": 1, "batch-size": 4, "valid-fraction": 0.25, "tta": 1}))
@@ -88,5 +89,5 @@ def test_a_local_grid_runs_its_jobs_under_this_backend(tmp_path, road_dir):
                                                 str(tmp_path / "jobs")])
     assert result.exit_code == 0, result.output
     job = tmp_path / "jobs/g/filters-2"
-    assert grid_cil.job_status(job) == "finished", (job / "stderr").read_text()
+    assert jobs_cil.job_status(job) == "finished", (job / "stderr").read_text()
     assert f"({BACKEND})" in (job / "stdout").read_text()

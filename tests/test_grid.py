@@ -13,7 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 import grid_cil
-from grid_cil import GridError, expand, job_command, job_id, job_status, load_grid
+import jobs_cil
+from grid_cil import expand, job_id, load_grid
+from io_cil import InputError
+from jobs_cil import job_argv, job_status
 from tests.conftest import REPO, TF_QUIET
 
 FAKE_SCHEDULER = """#!{python}
@@ -107,19 +110,19 @@ def test_flags_take_true_false_or_1_0(tmp_path):
     ({"lr": [0.1], "resources": {"partition": "gpu; rm -rf /"}}, "resources partition"),
 ])
 def test_bad_grid_values_are_one_clear_error(tmp_path, content, message):
-    with pytest.raises(GridError) as error:
+    with pytest.raises(InputError) as error:
         load_grid(grid_file(tmp_path, content))
     assert message in str(error.value)
 
 
 def test_a_job_that_cannot_run_is_an_error_before_anything_is_submitted(tmp_path):
     path = grid_file(tmp_path, {"filters": [2, 4], "crop": [32, 30], "depth": 2})
-    with pytest.raises(GridError, match="job filters-2__crop-30: --crop must be a multiple of 4"):
+    with pytest.raises(InputError, match="job filters-2__crop-30: --crop must be a multiple of 4"):
         expand(*load_grid(path)[:3])
 
 
 def test_colliding_and_long_values_get_distinct_bounded_ids(tmp_path):
-    with pytest.raises(GridError, match="two jobs would be lr-0.001"):
+    with pytest.raises(InputError, match="two jobs would be lr-0.001"):
         expand(*load_grid(grid_file(tmp_path, {"lr": [0.001, "0.001"]}))[:3])
     assert job_id({"loss": "bce+dice"}) != job_id({"loss": "bce_dice"})
     long = job_id({"data_dir": Path("x" * 300)})
@@ -131,7 +134,7 @@ def test_colliding_and_long_values_get_distinct_bounded_ids(tmp_path):
 def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text):
     path = tmp_path / "twice.json"
     path.write_text(text)
-    with pytest.raises(GridError) as error:
+    with pytest.raises(InputError) as error:
         load_grid(path)
     assert "twice.json" in str(error.value) and "given twice" in str(error.value)
 
@@ -140,7 +143,7 @@ def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text):
 def test_a_grid_file_name_is_one_safe_folder_name(tmp_path, name):
     path = tmp_path / f"{name}.json"
     path.write_text('{"lr": [0.1]}')
-    with pytest.raises(GridError, match="a grid's name"):
+    with pytest.raises(InputError, match="a grid's name"):
         load_grid(path)
 
 
@@ -175,7 +178,7 @@ def test_lsf_jobs_follow_the_documented_syntax(tmp_path, monkeypatch, resources,
     argv = calls[0]["argv"]
     assert argv[:2] == ["-J", "g/lr-0.001"] and argv[2:-3] == expected
     assert argv[-3:-1] == ["-o", f"{folder.resolve()}/scheduler/lsf-%J.out"]
-    assert shlex.split(argv[-1]) == ["exec", *job_command(folder)]   # one word, quoted once
+    assert shlex.split(argv[-1]) == ["exec", *job_argv(folder)]   # one word, quoted once
     assert shlex.split(argv[-1])[1] == sys.executable          # the submitting interpreter
     job = json.loads((folder / "job.json").read_text())
     assert job["args"][:2] == [f"--gpus={gpus}", "--lr=0.001"]
@@ -197,7 +200,7 @@ def test_no_value_or_file_name_reaches_lsfs_shell(tmp_path, monkeypatch):
                             capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
     folder = next(path for path in (hostile / "jobs/g").iterdir()
                   if path.name != "scheduler" and not path.name.startswith("."))
-    assert parsed == ["exec", *job_command(folder)]
+    assert parsed == ["exec", *job_argv(folder)]
     assert not list(tmp_path.glob("INJECTED*")) and not list(Path.cwd().glob("INJECTED*"))
     assert json.loads((folder / "job.json").read_text())["args"][0] == f"--data-dir={value}"
 
@@ -247,8 +250,8 @@ def test_cpu_jobs_ask_no_gpu_and_gpu_counts_get_their_own_arrays(tmp_path, monke
 @pytest.mark.parametrize("clause, gpus, expected", [
     ("gres", 2, ["--gres=gpu:2"]), ("gpus", 2, ["--gpus=2"]), ("gpus", 0, [])])
 def test_one_gpu_request_per_job_and_none_for_cpu_jobs(clause, gpus, expected):
-    resources = grid_cil.check_resources({"gpu_clause": clause, "walltime": 90}, "grid")
-    words = grid_cil.slurm_resources(resources, gpus)
+    resources = jobs_cil.check_resources({"gpu_clause": clause, "walltime": 90}, "grid")
+    words = jobs_cil.slurm_resources(resources, gpus)
     assert [word for word in words if "gpu" in word] == expected
     assert "--time=1:30:00" in words
 
@@ -308,7 +311,7 @@ def test_bsub_script_reserves_gpus_and_trains_on_them(tmp_path, monkeypatch, wor
     assert "rusage[mem=4096, ngpus_excl_p=2]" in argv
     job = json.loads((tmp_path / "logs/one/job.json").read_text())
     assert job["args"] == ["--epochs=3", "--gpus=2"]
-    assert shlex.split(argv[-1]) == ["exec", *job_command(tmp_path / "logs/one")]
+    assert shlex.split(argv[-1]) == ["exec", *job_argv(tmp_path / "logs/one")]
 
 
 def test_sbatch_script_submits_from_inside_an_allocation(tmp_path, monkeypatch):

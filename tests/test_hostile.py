@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import bench_cil
 import grid_cil
+import jobs_cil
 import mask_to_submission as m2s
 import model_cil
 import train_cil
@@ -303,8 +304,8 @@ def test_damaged_job_files_are_named_in_one_line_by_the_grid(tmp_path, file, con
     (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1]}))
     assert grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs", "--dry-run").exit_code == 0
     job = tmp_path / "jobs/g/lr-0.1"
-    grid_cil.own_folder(job.parent, "grid folder")
-    grid_cil.own_folder(job, "job folder")
+    own_folder(job.parent, "grid folder")
+    own_folder(job, "job folder")
     (job.parent / "grid.json").write_text(json.dumps({"lr": [0.1]}))
     (job / file).write_text(content)
     for args in (["summary", job.parent], [tmp_path / "g.json", "--jobs-dir",
@@ -463,8 +464,8 @@ def test_a_dry_run_of_a_finished_grid_has_nothing_to_run(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1, 0.2]}))
     for value in ("0.1", "0.2"):
         job = tmp_path / f"jobs/g/lr-{value}"
-        grid_cil.own_folder(job.parent, "grid folder")
-        grid_cil.own_folder(job, "job folder")
+        own_folder(job.parent, "grid folder")
+        own_folder(job, "job folder")
         (job / "exit_code").write_text("0\n")
     before = tree(tmp_path)
     result = grid(tmp_path / "g.json", "--jobs-dir", tmp_path / "jobs", "--dry-run")
@@ -492,7 +493,7 @@ def test_a_local_grid_with_a_failed_job_exits_non_zero(tmp_path):
 ])
 def test_bad_resources_for_the_cluster_scripts_are_one_line(tmp_path, variables, message):
     result = subprocess.run(["bash", "cluster/sbatch_train.sh", "--epochs", "1", "--logs-dir",
-                             str(tmp_path / "logs")], cwd=grid_cil.REPO, capture_output=True,
+                             str(tmp_path / "logs")], cwd=jobs_cil.REPO, capture_output=True,
                             text=True, env={**os.environ, "PYTHON": sys.executable,
                                             "PATH": f"{tmp_path}:{os.environ['PATH']}",
                                             **variables})

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import grid_cil
+import jobs_cil
 import mask_to_submission as m2s
 from data_cil import image_number
 from io_cil import InputError, write_atomically
@@ -196,13 +197,13 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(workdir
 def test_a_newline_in_a_grid_value_stays_one_argument_and_the_run_stays_in_its_folder(tmp_path):
     value = "bce\n--logs-dir\n/tmp/y"
     folder = tmp_path / "jobs/g/job"
-    words = grid_cil.job_run_words(folder, dict(args=[f"--data-dir={value}"],
+    words = jobs_cil.job_run_words(folder, dict(args=[f"--data-dir={value}"],
                                                 logs_dir=str(folder.parent), run_name="job"))
     settings = resolved(*words)
     assert str(settings.data_dir) == value
     assert (settings.logs_dir, settings.run_name) == (folder.parent, "job")
-    with pytest.raises(grid_cil.GridError) as error:
-        grid_cil.checked_settings([f"--loss={value}"], "grid")
+    with pytest.raises(InputError) as error:
+        jobs_cil.checked_settings([f"--loss={value}"], "grid")
     assert repr(value) + " is not a loss" in str(error.value)
 
 
@@ -222,7 +223,7 @@ def test_a_local_job_that_runs_is_skipped_by_a_second_grid_call(tmp_path):
     finally:
         runner.kill()
         runner.wait()
-    assert grid_cil.job_status(folder) == "lost"
+    assert jobs_cil.job_status(folder) == "lost"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from grid_cil import job_status
+from jobs_cil import job_status
 from tests.conftest import REPO, TF_QUIET
 
 
