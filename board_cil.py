@@ -29,12 +29,10 @@ class EventWriter:
 
     def write(self, step, values):
         """Write Summary.Value protos at `step`, then flush: a run killed later keeps them."""
-        summary = summary_pb2.Summary(value=list(values))
-        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
-                                              summary=summary))
-        self.writer.flush()
+        self.write_summary(step, summary_pb2.Summary(value=list(values)))
 
     def write_summary(self, step, summary):
+        """Write a whole Summary proto (HParams' come whole) at `step`, then flush."""
         self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
                                               summary=summary))
         self.writer.flush()

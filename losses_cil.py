@@ -8,8 +8,9 @@ Both classes are registered, so `keras.models.load_model` reloads a saved run wi
 import keras
 from keras import ops
 
-from mask_to_submission import FOREGROUND_THRESHOLD, PATCH_SIZE
-from options_cil import METRIC_KINDS, PATCH_METRIC_KINDS, PIXEL_THRESHOLD, metric_name, parse_loss
+from mask_to_submission import FOREGROUND_THRESHOLD, patch_means
+from options_cil import METRIC_KINDS, PATCH_METRIC_KINDS, metric_name, parse_loss
+from thresholds_cil import PIXEL_THRESHOLD
 
 EPSILON = 1e-7               # keeps log() and divisions finite at predictions of exactly 0 or 1
 DICE_SMOOTH = 1.0            # NVIDIA's dice_coe smoothing: an empty mask predicted empty scores 1
@@ -79,16 +80,17 @@ def _adaptive_loss(target, prob, loss):
     return ops.where(dice < ADAPTIVE_SWITCH, dice, _cross_entropy(target, prob, loss))
 
 
-def patch_means(x):
-    """Mean of each 16x16 patch: (B, H, W, C) -> (B, H/16, W/16, C)."""
-    return ops.average_pool(x, PATCH_SIZE, strides=PATCH_SIZE, padding="valid")
+def patch_map(x):
+    """The patch means of one-channel maps: (B, H, W, 1) -> (B, rows, cols, 1), cut patches at
+    the edges by mask_to_submission.patch_means' rule."""
+    return patch_means(x[..., 0], xp=ops)[..., None]
 
 
 def _patch_f1_loss(target, prob, loss):
     """1 - soft F1 of the Kaggle patch labels: the rule "patch mean > 0.25" is applied to the
     truth and replaced by a steep sigmoid for the prediction, so it has a gradient."""
-    truth = ops.cast(patch_means(target) > FOREGROUND_THRESHOLD, "float32")
-    soft = ops.sigmoid((patch_means(prob) - FOREGROUND_THRESHOLD) / PATCH_F1_SHARPNESS)
+    truth = ops.cast(patch_map(target) > FOREGROUND_THRESHOLD, "float32")
+    soft = ops.sigmoid((patch_map(prob) - FOREGROUND_THRESHOLD) / PATCH_F1_SHARPNESS)
     both = ops.sum(truth * soft)
     return 1 - (2 * both + DICE_SMOOTH) / (ops.sum(truth) + ops.sum(soft) + DICE_SMOOTH)
 
@@ -204,8 +206,8 @@ class SegmentationMetric(keras.metrics.Metric):
             truth = ops.cast(y_true >= 0.5, "float32")
             pred = ops.cast(y_pred >= self.threshold, "float32")
             if self.patch:
-                truth = ops.cast(patch_means(truth) > FOREGROUND_THRESHOLD, "float32")
-                pred = ops.cast(patch_means(pred) > self.patch_threshold, "float32")
+                truth = ops.cast(patch_map(truth) > FOREGROUND_THRESHOLD, "float32")
+                pred = ops.cast(patch_map(pred) > self.patch_threshold, "float32")
             truth = ops.concatenate([1 - truth, truth], axis=-1)
             pred = ops.concatenate([1 - pred, pred], axis=-1)
         else:

@@ -26,13 +26,13 @@ from cli_cil import one_line_errors
 from data_cil import (find_pairs, find_test_images, fold_assignment, load_pairs, parse_palette,
                       split_pairs, train_sample_size, write_synthetic_dataset)
 from devices_cil import placement, start_backend
-from io_cil import InputError, os_error_line, read_json, write_json, write_json_once
+from io_cil import InputError, os_error_line, write_json
 from options_cil import (CONTEXT, DEMO_IMAGES, DEMO_SEED, DEMO_SIZE, DEMO_TEST_IMAGES, OPTIONS,
                          GroupedCommand, input_multiple, learned_names, parse_class_weights,
                          parse_loss, tile_error)
-from runs_cil import (FOLD_PREFIX, Run, TrainingDiverged, TrainingInterrupted, close_run,
-                      fold_folder, open_run, own_folder, own_output_folders, path, read_metrics,
-                      read_record, read_state, refuse_foreign, run_folder_of)
+from runs_cil import (Run, TrainingDiverged, TrainingInterrupted, close_run, create_or_join,
+                      fold_folder, open_fold, open_run, path, read_metrics, read_state,
+                      run_folder_of)
 from settings_cil import check_environment_names, config_record, resolve_settings
 from weights_cil import fetch_imagenet
 
@@ -150,8 +150,7 @@ def opened_run(settings, inside=None, *, resume=None, force=None):
                               settings.submit_output_dir, force=force, resume=resume,
                               writes=writes)
     else:
-        run, moved = open_run(inside.folder, f"{FOLD_PREFIX}{settings.fold}", inside.valid_dir,
-                              inside.submit_dir, force=force, resume=resume, writes=writes)
+        run, moved = open_fold(inside, settings.fold, force=force, resume=resume, writes=writes)
     try:
         for folder in moved:
             echo(f"moved the earlier {run.name} aside to {folder}")
@@ -329,9 +328,9 @@ def train_and_validate(settings):
 
 
 def cross_validation_run(settings, pairs, assignment):
-    """The folder of a cross-validated run with its config.json and split.json: written by the
-    first fold to start (folds may run as separate jobs at once), checked by the others against
-    their own settings and split; with --force, an earlier run of the name is moved aside."""
+    """The folder of a cross-validated run with its config.json and split.json, made by the
+    first fold to start and joined by the others (runs_cil.create_or_join); with --force, an
+    earlier run of the name is moved aside."""
     parent_settings = settings.replace("cross-validation", fold=None,
                                        run_name=run_name(settings))
     split = dict(seed=settings.seed, folds=settings.folds,
@@ -341,22 +340,10 @@ def cross_validation_run(settings, pairs, assignment):
             write_json(run.file("split"), split)
         return run
     name = parent_settings.run_name
-    run = Run(Path(settings.logs_dir) / name, Path(settings.valid_output_dir) / name,
-              Path(settings.submit_output_dir) / name)
-    refuse_foreign(run)
-    own_folder(run.folder, "run folder")
-    own_output_folders(run, ("valid",))
-    record = config_record(parent_settings, name)
-    if not (write_json_once(run.file("config"), record) & write_json_once(run.file("split"),
-                                                                           split)):
-        earlier = read_record(run.folder).get("settings", {})
-        differing = sorted(key for key in learned_names()
-                           if key != "fold" and earlier.get(key) != record["settings"].get(key))
-        if differing or read_json(run.file("split")) != split:
-            raise InputError(f"{run.folder}: a run of that name exists with other "
-                             f"{', '.join(differing) or 'folds'}; pass --force to move it aside, "
-                             "or another --run-name")
-    return run
+    run = Run.named(settings.logs_dir, name, settings.valid_output_dir,
+                    settings.submit_output_dir)
+    compared = [key for key in learned_names() if key != "fold"]
+    return create_or_join(run, config_record(parent_settings, name), split, compared)
 
 
 def cross_validate(settings):

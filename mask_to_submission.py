@@ -44,16 +44,24 @@ def mask_fraction(array, path="mask"):
                      "masks as 8-bit PNGs with road 255")
 
 
-def patch_means(mask, patch_size=PATCH_SIZE):
-    """(rows, cols) of the mean of each patch of a (H, W) mask. Patches at the right and bottom
-    edges may be partial, as in the course's script, and average what they hold."""
-    mask = np.asarray(mask, np.float64)
-    starts_y, starts_x = np.arange(0, mask.shape[0], patch_size), np.arange(0, mask.shape[1],
-                                                                            patch_size)
-    sums = np.add.reduceat(np.add.reduceat(mask, starts_y, axis=0), starts_x, axis=1)
-    heights = np.diff(np.append(starts_y, mask.shape[0]))
-    widths = np.diff(np.append(starts_x, mask.shape[1]))
-    return sums / np.outer(heights, widths)
+def patch_means(values, patch_size=PATCH_SIZE, xp=np):
+    """The mean of each patch_size x patch_size patch over the last two axes: (H, W) -> (rows,
+    cols), or (B, H, W) -> (B, rows, cols). A patch cut short by the bottom or right edge (a side
+    that is no multiple of the patch size) averages the pixels it holds, as the course's
+    mask_to_submission.py does. `xp` is the array library: NumPy here and in the tables,
+    keras.ops in the patch losses and metrics, so the CSV, the reports and training judge every
+    patch alike."""
+    *batch, height, width = xp.shape(values)
+    rows, cols = (height + patch_size - 1) // patch_size, (width + patch_size - 1) // patch_size
+
+    def sums(array):                      # zeros pad the cut patches, which then sum alike
+        padded = xp.pad(array, [(0, 0)] * (len(xp.shape(array)) - 2)
+                        + [(0, rows * patch_size - height), (0, cols * patch_size - width)])
+        blocks = xp.reshape(padded, (-1, rows, patch_size, cols, patch_size))
+        return xp.sum(blocks, axis=(2, 4))
+
+    means = sums(values) / sums(xp.ones((height, width)))
+    return means if batch else means[0]
 
 
 def patch_labels(mask, patch_size=PATCH_SIZE, threshold=FOREGROUND_THRESHOLD):

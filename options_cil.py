@@ -18,6 +18,7 @@ from click.core import ParameterSource
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineUsage, finite
 from io_cil import InputError
 from mask_to_submission import FOREGROUND_THRESHOLD
+from thresholds_cil import PIXEL_THRESHOLD
 from weights_cil import WEIGHT_NAMES
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +61,6 @@ LR_DECAY_STEPS = 500         # ... every 500 optimizer steps
 # TTA 1/2/4/8 gave patch F1 0.902/0.904/0.906/0.899 and pixel F1 0.884/0.887/0.890/0.888;
 # 4 was best on both, a gain within the noise of 8 images, for 4x the prediction time.
 TTA = 4
-PIXEL_THRESHOLD = 0.5        # probability from which a pixel counts as foreground
 
 # ---------------------------------------------------------------------------------------------
 # Vocabulary: the names a user may give. Each heavy module maps every name to its builder

@@ -1,34 +1,26 @@
-"""Prediction and its outputs: full-size prediction with test-time augmentation, tiles and
-ensembles, the decision threshold (decided in one place), the PNG outputs of a run, and the test
-masks with the Kaggle CSV. What predictions are judged by (tables, tuned thresholds, the
-cross-validation report) is report_cil's; models are read by model_cil, exported by export_cil,
-and TensorBoard's files written by board_cil.
+"""Prediction and the test outputs: full-size prediction with test-time augmentation, tiles and
+ensembles, and the test masks with the Kaggle CSV and the contact sheet. Thresholds are decided
+by thresholds_cil, pictures drawn by render_cil; what predictions are judged by (tables, the
+cross-validation report) is report_cil's; models are read by model_cil, exported by export_cil.
 """
 
 import time
-from pathlib import Path
 
 import click
 import numpy as np
 
 from data_cil import read_image
 from io_cil import write_png
-from mask_to_submission import FOREGROUND_THRESHOLD, write_submission
+from mask_to_submission import write_submission
 from model_cil import required_multiple
+from render_cil import contact_sheet, mask_png
 from runs_cil import SUBMISSION_FILE
-from options_cil import PIXEL_THRESHOLD
+from thresholds_cil import decided_thresholds, labels_from, patch_words
+
 # (quarter turns, mirror left-right) in the order TTA adds them: 2 = + mirror, 4 = + upside
 # down and half turn, 8 = all eight symmetries of the square.
 DIHEDRAL = ((0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False),
             (3, True))
-TRUE_POSITIVE = (0, 200, 0)      # overlay colours: green road found,
-FALSE_POSITIVE = (230, 0, 0)     # red road invented,
-FALSE_NEGATIVE = (0, 90, 255)    # blue road missed
-OVERLAY_OPACITY = 0.5
-CLASS_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-                 (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60))
-SHEET_IMAGES = 6                 # test images on the contact sheet
-SHEET_SIDE = 200                 # pixels per picture on the contact sheet
 
 
 def pad_to_multiple(image, multiple):
@@ -117,87 +109,20 @@ def ensemble_probabilities(models, image, *, tta=1, tile=0, overlap=0):
     return total / len(models)
 
 
-def labels_from(probabilities, classes, threshold=PIXEL_THRESHOLD):
-    """(H, W) uint8: 0/1 at `threshold` when binary, the most probable class otherwise."""
-    if classes == 1:
-        return (probabilities[..., 0] >= threshold).astype(np.uint8)
-    return np.argmax(probabilities, axis=-1).astype(np.uint8)
 
 
-def class_colours(classes, palette=None):
-    """RGB per class: the user's palette where given, else a fixed distinct set."""
-    colours = [CLASS_COLOURS[i % len(CLASS_COLOURS)] for i in range(max(classes, 2))]
-    for rgb, index in (palette or {}).items():
-        colours[index] = rgb
-    return np.array(colours, np.uint8)
 
 
-def render_mask(values, classes, palette=None):
-    """RGB uint8 picture of a mask or prediction (H, W, 1 or C): grey levels when binary, class
-    colours otherwise."""
-    if classes == 1:
-        return np.repeat(np.clip(values[..., :1] * 255, 0, 255), 3, axis=-1).astype(np.uint8)
-    labels = values[..., 0].astype(int) if values.shape[-1] == 1 else np.argmax(values, -1)
-    return class_colours(classes, palette)[labels]
 
 
-def overlay(image, truth, predicted, classes, palette=None):
-    """The image with the prediction painted on it: true positives, false positives and false
-    negatives in three colours when binary (truth may be None), class colours otherwise."""
-    paint = np.zeros_like(image)
-    painted = np.zeros(image.shape[:2], bool)
-    if classes == 1:
-        regions = [(predicted == 1, TRUE_POSITIVE)] if truth is None else [
-            ((predicted == 1) & (truth == 1), TRUE_POSITIVE),
-            ((predicted == 1) & (truth == 0), FALSE_POSITIVE),
-            ((predicted == 0) & (truth == 1), FALSE_NEGATIVE)]
-        for region, colour in regions:
-            paint[region] = colour
-            painted |= region
-    else:
-        paint = class_colours(classes, palette)[predicted]
-        painted = predicted > 0
-    blended = image.astype(np.float32)
-    blended[painted] = (1 - OVERLAY_OPACITY) * blended[painted] + OVERLAY_OPACITY * paint[painted]
-    return blended.astype(np.uint8)
 
 
-def decided_thresholds(settings):
-    """(pixel, patch) thresholds that validation, submission and the tables use: --threshold
-    and --patch-threshold, else what --from-run (or --weights of a run) brought when tuning
-    beat the defaults on folds it did not see, else PIXEL_THRESHOLD and the grader's
-    FOREGROUND_THRESHOLD. All arrive as settings, with their source recorded."""
-    return (settings.threshold or PIXEL_THRESHOLD,
-            FOREGROUND_THRESHOLD if settings.patch_threshold is None else settings.patch_threshold)
 
 
-def write_validation_outputs(folder, name, image, mask, probabilities, classes, *, threshold,
-                             palette=None):
-    """<name>_prob.png, <name>_mask.png and <name>_overlay.png in `folder`."""
-    stem = Path(name).stem
-    labels = labels_from(probabilities, classes, threshold)
-    confidence = probabilities[..., 0] if classes == 1 else probabilities.max(axis=-1)
-    write_png(folder / f"{stem}_prob.png", np.round(confidence * 255).astype(np.uint8))
-    write_png(folder / f"{stem}_mask.png", mask_png(labels, classes))
-    write_png(folder / f"{stem}_overlay.png", overlay(image, mask, labels, classes, palette))
 
 
-def mask_png(labels, classes):
-    """What a mask file holds: 0/255 when binary (the Kaggle tools read it so), class numbers
-    otherwise."""
-    return labels * 255 if classes == 1 else labels
 
 
-def contact_sheet(images, labels, classes, palette=None):
-    """One picture of up to SHEET_IMAGES images, each beside its prediction painted on it."""
-    rows = []
-    for image, label in list(zip(images, labels))[:SHEET_IMAGES]:
-        picture = np.concatenate([image, overlay(image, None, label, classes, palette)], axis=1)
-        step = max(1, image.shape[0] // SHEET_SIDE)
-        rows.append(picture[::step, ::step])
-    width = max(row.shape[1] for row in rows)
-    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0))) for row in rows]
-    return np.concatenate(rows, axis=0)
 
 
 def predicted(models, images, settings):
@@ -207,9 +132,6 @@ def predicted(models, images, settings):
                                    overlap=settings.overlap) for image in images]
 
 
-def patch_words(classes, patch_threshold):
-    """How a report names the CSV's patch threshold: only binary tasks have one."""
-    return f", patch share {patch_threshold}" if classes == 1 else ""
 
 
 def csv_foreground(labels, classes):

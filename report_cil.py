@@ -1,6 +1,7 @@
-"""What predictions are judged by: the evaluation tables, the thresholds tuned on them (and
-scored on images they were not tuned on), the validation report, and cross-validation's
-out-of-fold predictions with their table. Predictions themselves come from predict_cil.
+"""What predictions are judged by: the evaluation tables, the validation report (with the
+thresholds tuned on its images, never applied) and cross-validation's out-of-fold predictions
+with their table and tuned thresholds. Predictions come from predict_cil, thresholds are
+thresholds_cil's.
 """
 
 import click
@@ -8,13 +9,12 @@ import numpy as np
 
 from io_cil import write_atomically
 from losses_cil import evaluation_metrics
-from mask_to_submission import FOREGROUND_THRESHOLD, patch_means
-from predict_cil import decided_thresholds, patch_words, write_validation_outputs
+from mask_to_submission import FOREGROUND_THRESHOLD
+from render_cil import write_validation_outputs
 from runs_cil import fold_folder, path, read_metrics
-from options_cil import PIXEL_THRESHOLD
-# Searched by tune_thresholds: pixel probabilities, and patch foreground fractions for the CSV.
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.05))
-PATCH_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.51, 0.05))
+from thresholds_cil import (PIXEL_THRESHOLD, decided_thresholds, labels_from, patch_words,
+                            tune_thresholds)
+
 SUMMARY_METRICS = {1: ("f1", "patch_f1", "precision", "recall", "iou", "patch_accuracy"),
                    "multi": ("f1", "mean_iou", "precision", "recall", "micro_f1")}
 
@@ -29,50 +29,12 @@ def evaluate(masks, probabilities, classes, threshold=PIXEL_THRESHOLD,
     return {metric.name: round(float(metric.result()), 4) for metric in metrics}
 
 
-def _patch_table(masks, probabilities):
-    """(truth patch labels, {pixel threshold: patch foreground shares}) over all images."""
-    truth = np.concatenate([(patch_means(mask) > FOREGROUND_THRESHOLD).ravel() for mask in masks])
-    shares = {t: np.concatenate([patch_means(prob[..., 0] >= t).ravel()
-                                 for prob in probabilities]) for t in THRESHOLDS}
-    return truth, shares
 
 
-def _patch_f1(truth, predicted):
-    tp = np.sum(truth & predicted)
-    wrong = np.sum(truth != predicted)
-    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
 
 
-def _best(scores):
-    """The (pixel, patch) pair with the best score; ties go to the one nearest the defaults."""
-    return max(scores, key=lambda pair: (round(scores[pair], 10),
-                                         -abs(pair[0] - PIXEL_THRESHOLD)
-                                         - abs(pair[1] - FOREGROUND_THRESHOLD)))
 
 
-def tune_thresholds(masks, probabilities, groups=None):
-    """The pixel threshold and patch foreground fraction with the best patch F1 over the images,
-    with that F1 and the F1 at the defaults. With `groups` (a fold per image), also the F1 that
-    tuning reaches on images it did not see: each group scored with the thresholds tuned on the
-    others, their patch labels pooled."""
-    truth, shares = _patch_table(masks, probabilities)
-    scores = {(t, f): _patch_f1(truth, shares[t] > f) for t in THRESHOLDS for f in PATCH_THRESHOLDS}
-    best = _best(scores)
-    tuned = dict(threshold=best[0], patch_threshold=best[1], patch_f1=round(scores[best], 4),
-                 patch_f1_at_defaults=round(scores[(PIXEL_THRESHOLD, FOREGROUND_THRESHOLD)], 4))
-    if groups is not None:
-        patches = np.concatenate([np.full(patch_means(mask).size, group)
-                                  for mask, group in zip(masks, groups)])
-        predicted = np.zeros_like(truth)
-        for group in sorted(set(groups)):
-            seen = patches != group
-            pair = _best({(t, f): _patch_f1(truth[seen], shares[t][seen] > f)
-                          for t in THRESHOLDS for f in PATCH_THRESHOLDS})
-            predicted[~seen] = shares[pair[0]][~seen] > pair[1]
-        tuned["patch_f1_unseen"] = round(_patch_f1(truth, predicted), 4)
-    # Only a score on images the thresholds were not tuned on can justify leaving the defaults
-    tuned["applied"] = bool(tuned.get("patch_f1_unseen", 0.0) > tuned["patch_f1_at_defaults"])
-    return tuned
 
 
 def format_table(table, classes):
@@ -100,8 +62,8 @@ def report_validation(settings, run, pairs, images, masks, probabilities, palett
     classes = settings.classes
     threshold, patch_threshold = decided_thresholds(settings)
     for pair, image, mask, prob in zip(pairs, images, masks, probabilities):
-        write_validation_outputs(run.valid_dir, pair.name, image, mask, prob, classes,
-                                 threshold=threshold, palette=palette)
+        write_validation_outputs(run.valid_dir, pair.name, image, mask, prob,
+                                 labels_from(prob, classes, threshold), classes, palette)
     table = evaluate(masks, probabilities, classes, threshold, patch_threshold)
     click.echo(f"\nvalidation, {len(images)} images at full size, pixel threshold {threshold}"
                f"{patch_words(classes, patch_threshold)}, TTA {settings.tta}:")

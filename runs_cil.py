@@ -229,7 +229,7 @@ def release_lock(folder):
 
 
 # What a run may write besides its folder: kind -> what the folder is called in messages.
-OUTPUT_FOLDERS = {"valid": "validation output folder", "submit": "submission folder"}
+OUTPUT_FOLDERS = {"valid": "validation output folder", "submit": "submission output folder"}
 OUTPUTS = tuple(OUTPUT_FOLDERS)
 
 
@@ -240,6 +240,11 @@ class Run:
     folder: Path
     valid_dir: Path
     submit_dir: Path
+
+    @classmethod
+    def named(cls, logs_dir, name, valid_root, submit_root):
+        """The run `name` (check_run_name first) with its folders in these three places."""
+        return cls(Path(logs_dir) / name, Path(valid_root) / name, Path(submit_root) / name)
 
     @property
     def name(self):
@@ -252,10 +257,6 @@ class Run:
         """The output folder of `kind` (of OUTPUTS)."""
         return {"valid": self.valid_dir, "submit": self.submit_dir}[kind]
 
-    def fold(self, index):
-        """Fold `index` of a cross-validated run: a run of its own inside this one."""
-        name = f"{FOLD_PREFIX}{index}"
-        return Run(self.folder / name, self.valid_dir / name, self.submit_dir / name)
 
 
 def is_owned(folder):
@@ -288,7 +289,16 @@ def make_folder(folder, what):
     writable(folder, what)
 
 
-def own_folder(folder, what, instead="choose another --run-name or another folder for the runs"):
+RUN_PLACE_FIX = "choose another --run-name or another folder for the runs"
+
+
+def not_made_here(folder, instead):
+    """The InputError for a folder the tool did not make: never written into, used or moved."""
+    return InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); the "
+                      f"tool never writes into, uses or moves it: {instead}")
+
+
+def own_folder(folder, what, instead=RUN_PLACE_FIX):
     """`folder`, made now with the tool's mark if missing (whole: a folder and its mark appear
     together); InputError, saying what to do `instead`, when it exists and the tool did not
     make it."""
@@ -310,8 +320,7 @@ def own_folder(folder, what, instead="choose another --run-name or another folde
             (temporary / OWNER_FILE).unlink()
             temporary.rmdir()
     if not is_owned(folder):
-        raise InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); "
-                         f"the tool never writes into or moves it: {instead}")
+        raise not_made_here(folder, instead)
     writable(folder, what)
     return folder
 
@@ -332,8 +341,7 @@ def check_movable(folder):
     this one) holds it or a run inside it."""
     folder = Path(folder)
     if not is_owned(folder):
-        raise InputError(f"{folder}: was not made by this tool (no {OWNER_FILE}); it is never "
-                         "moved: move it yourself or choose another --run-name")
+        raise not_made_here(folder, "move it yourself or choose another --run-name")
     held = _held_inside(folder)
     if held:
         run, owner = held
@@ -366,12 +374,9 @@ def _earlier_outputs(run):
 def refuse_foreign(run):
     """InputError when one of the run's three folders exists and the tool did not make it:
     checked before anything is created or moved."""
-    for folder, what in ((run.folder, "run folder"),
-                         *((run.output(kind), what) for kind, what in OUTPUT_FOLDERS.items())):
+    for folder in (run.folder, *(run.output(kind) for kind in OUTPUTS)):
         if folder.exists() and not is_owned(folder):
-            raise InputError(f"{folder}: exists and was not made by this tool (no {OWNER_FILE}); "
-                             f"it is never used as a {what} nor moved: choose another "
-                             "--run-name or another folder for the runs")
+            raise not_made_here(folder, RUN_PLACE_FIX)
 
 
 def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=False,
@@ -385,11 +390,11 @@ def open_run(logs_dir, name, valid_root, submit_root, *, force=False, resume=Fal
     Returns (Run, [folders moved aside]).
     """
     check_run_name(name)
-    run = Run(Path(logs_dir) / name, Path(valid_root) / name, Path(submit_root) / name)
+    run = Run.named(logs_dir, name, valid_root, submit_root)
     refuse_foreign(run)
-    roots = {"valid": (valid_root, "validation output folder"),
-             "submit": (submit_root, "submission output folder")}
-    for root, what in ((logs_dir, "logs folder"), *(roots[kind] for kind in writes)):
+    roots = {"valid": valid_root, "submit": submit_root}
+    for root, what in ((logs_dir, "logs folder"),
+                       *((roots[kind], OUTPUT_FOLDERS[kind]) for kind in writes)):
         make_folder(Path(root), what)        # every place first: a refusal leaves nothing
     own_folder(run.folder, "run folder")
     acquire_lock(run.folder)
@@ -428,3 +433,29 @@ def own_output_folders(run, writes=OUTPUTS):
 
 def close_run(run):
     release_lock(run.folder)
+
+
+def open_fold(parent, index, **options):
+    """Fold `index` of the cross-validated run `parent`: a run of its own inside it, opened
+    as open_run opens a run."""
+    return open_run(parent.folder, fold_folder(parent.folder, index).name, parent.valid_dir,
+                    parent.submit_dir, **options)
+
+
+def create_or_join(run, config, split, compared):
+    """The cross-validated `run` with its config.json and split.json: made and written by the
+    first fold to start (folds may run as separate jobs at once), joined by the others when
+    their settings named in `compared` and their split are the same; InputError otherwise."""
+    refuse_foreign(run)
+    own_folder(run.folder, "run folder")
+    own_output_folders(run, ("valid",))
+    if not (write_json_once(run.file("config"), config) & write_json_once(run.file("split"),
+                                                                           split)):
+        earlier = read_record(run.folder).get("settings", {})
+        differing = sorted(key for key in compared
+                           if earlier.get(key) != config["settings"].get(key))
+        if differing or read_json(run.file("split")) != split:
+            raise InputError(f"{run.folder}: a run of that name exists with other "
+                             f"{', '.join(differing) or 'folds'}; pass --force to move it aside, "
+                             "or another --run-name")
+    return run

@@ -157,6 +157,24 @@ def test_patch_metrics_follow_the_kaggle_rule():
     assert metric_value("accuracy", truth, prob, patch=True) == pytest.approx(0.75)
 
 
+def test_patch_metrics_judge_edge_patches_cut_short_as_the_csv_does():
+    """20x40 is no multiple of 16: the bottom-right patch is 4x8 pixels and, as in the CSV,
+    averages the pixels it holds; a metric that dropped cut patches would see no road at all."""
+    import mask_to_submission as m2s
+    truth = np.zeros((20, 40), np.float32)
+    truth[16:, 32:] = 1                        # the cut corner patch, all road
+    predicted = np.zeros_like(truth)
+    predicted[16:18, 32:] = 1                  # half of it: mean 0.5 > 0.25, road
+    assert m2s.patch_labels(predicted).tolist() == m2s.patch_labels(truth).tolist() == [
+        [0, 0, 0], [0, 0, 1]]
+    metric = SegmentationMetric("f1", patch=True)
+    metric.update_state(truth[None, ..., None], predicted[None, ..., None])
+    assert float(metric.result()) == pytest.approx(1.0)
+    miss = SegmentationMetric("recall", patch=True)
+    miss.update_state(truth[None, ..., None], np.zeros_like(truth)[None, ..., None])
+    assert float(miss.result()) == 0.0
+
+
 def test_an_all_background_set_scores_zero_not_nan():
     empty = np.zeros((1, 16, 16, 1), np.float32)
     assert metric_value("f1", empty, empty) == 0.0

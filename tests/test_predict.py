@@ -8,9 +8,11 @@ import pytest
 
 from model_cil import build_unet
 from data_cil import Pair
-from predict_cil import (DIHEDRAL, dihedral, ensemble_probabilities, overlay, pad_to_multiple,
+from predict_cil import (DIHEDRAL, dihedral, ensemble_probabilities, pad_to_multiple,
                          predict_probabilities, undo_dihedral)
-from report_cil import read_oof, tune_thresholds, write_oof
+from render_cil import overlay
+from report_cil import read_oof, write_oof
+from thresholds_cil import tune_thresholds
 
 
 def pixelwise_model():
