@@ -15,16 +15,15 @@ import click
 import numpy as np
 
 from cli_cil import HELP_OPTIONS, FiniteFloat, OneLineCommand, one_line_errors
-from data_cil import IMAGE_EXTENSIONS, MAX_IMAGE_SIDE, NUMBER, image_number, read_array
+from data_cil import IMAGE_EXTENSIONS, NUMBER, image_number, read_array
 from io_cil import InputError, writable, write_png, write_text
 
 # The Kaggle facts, here and nowhere else (losses_cil and predict_cil import them).
 PATCH_SIZE = 16              # the grader scores 16x16 patches
 FOREGROUND_THRESHOLD = 0.25  # a patch is road when its mean mask value exceeds this
 HEADER = "id,prediction"
-# An id is three whole numbers (data_cil.NUMBER: int() alone would take "+1", " 1" or "١"); a
-# minus sign is matched only to name it in its own error.
-PATCH_ID = re.compile(rf"(-?{NUMBER})_(-?{NUMBER})_(-?{NUMBER})")
+# An id is three whole numbers (data_cil.NUMBER: int() alone would take "+1", " 1" or "١").
+PATCH_ID = re.compile(rf"({NUMBER})_({NUMBER})_({NUMBER})")
 
 
 def mask_fraction(array, path="mask"):
@@ -135,53 +134,31 @@ def masks_to_csv(mask_dir, csv_path, *, patch_size=PATCH_SIZE, threshold=FOREGRO
                             force=force)
 
 
-def _patch_entry(line, where, patch_size):
-    """(number, x, y, label) of one CSV line, checked; InputError naming `where` otherwise."""
-    fields = [field.strip() for field in line.split(",")]
-    match = PATCH_ID.fullmatch(fields[0]) if len(fields) == 2 else None
-    if not match:
-        raise InputError(f"{where}: '{line}' is not 'NNN_x_y,label'")
-    number, x, y = (int(part) for part in match.groups())
-    label = fields[1]
-    if label not in ("0", "1"):
-        problem = f"label {label!r} is not 0 or 1"
-    elif min(number, x, y) < 0:
-        problem = "image numbers and coordinates cannot be negative"
-    elif x % patch_size or y % patch_size:
-        problem = f"x and y must be multiples of the patch size {patch_size}"
-    elif max(x, y) + patch_size > MAX_IMAGE_SIDE:
-        problem = (f"the mask would be larger than {MAX_IMAGE_SIDE} pixels, the largest image "
-                   "this tool reads")
-    else:
-        return number, x, y, int(label)
-    raise InputError(f"{where}: '{line}': {problem}")
-
-
 def read_submission(csv_path, patch_size=PATCH_SIZE):
-    """{image number: {(x, y): label}} from a submission CSV, every line checked (ids once each,
-    labels 0/1, coordinates on the patch grid and within an image) before anything is written."""
+    """{image number: {(x, y): label}} of a submission CSV. A viewing aid, so it keeps the rules
+    that make its masks right: every line an id NNN_x_y of whole numbers with x and y on the
+    patch grid, and a label 0 or 1; InputError naming the first line that breaks one."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: file not found")
-    try:    # utf-8-sig: a spreadsheet's byte order mark is no part of the header
-        lines = csv_path.read_bytes().decode("utf-8-sig").splitlines()
-    except UnicodeDecodeError:
-        raise InputError(f"{csv_path}: not a text file; is it a submission CSV?") from None
+    # utf-8-sig: a spreadsheet's byte order mark is no part of the header; other bytes that
+    # are no text fail the header
+    lines = csv_path.read_bytes().decode("utf-8-sig", errors="replace").splitlines()
     if not lines or lines[0].strip() != HEADER:
         raise InputError(f"{csv_path}: first line is not '{HEADER}'; is it a submission CSV?")
-    numbered = [(number, line.strip()) for number, line in enumerate(lines[1:], start=2)
-                if line.strip()]
-    if not numbered:
-        raise InputError(f"{csv_path}: no patch lines below its header; nothing to render")
-    patches, seen = {}, {}
-    for line_number, line in numbered:
-        where = f"{csv_path}:{line_number}"
-        number, x, y, label = _patch_entry(line, where, patch_size)
-        if (number, x, y) in seen:
-            raise InputError(f"{where}: '{line}': id {line.split(',')[0].strip()} repeats line "
-                             f"{seen[(number, x, y)]}; keep one line per patch")
-        seen[(number, x, y)] = line_number
-        patches.setdefault(number, {})[(x, y)] = label
+    patches = {}
+    for line_number, line in enumerate(lines[1:], start=2):
+        fields = [field.strip() for field in line.split(",")]
+        match = PATCH_ID.fullmatch(fields[0]) if len(fields) == 2 else None
+        if line.strip() and not (match and fields[1] in ("0", "1")):
+            raise InputError(f"{csv_path}:{line_number}: '{line.strip()}' is not "
+                             "'NNN_x_y,label' with a label of 0 or 1")
+        if match:
+            number, x, y = (int(part) for part in match.groups())
+            if x % patch_size or y % patch_size:
+                raise InputError(f"{csv_path}:{line_number}: '{line.strip()}': x and y must be "
+                                 f"multiples of the patch size {patch_size}")
+            patches.setdefault(number, {})[(x, y)] = int(fields[1])
     return patches
 
 

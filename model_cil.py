@@ -26,9 +26,9 @@ from weights_cil import PACKAGED, cached_weights_only, load_file, load_packaged
 
 MULTIPLE_MARKER = "input_sides_multiple_of_"   # the name of a no-op layer after the input
 # The modules whose classes a checkpoint of this tool names (registered under the package
-# "cil": the fused batch norm of older files, the losses and metrics, the optimizers with a
-# slower encoder): load_model imports them all, so reading a file never depends on what
-# happened to be imported before.
+# "cil": the losses and metrics, the optimizers with a slower encoder, and the fused batch norm
+# that model files saved before 2026-12-02 name instead of Keras' own): load_model imports them
+# all, so reading a file never depends on what happened to be imported before.
 REGISTERING_MODULES = ("model_cil", "losses_cil", "train_cil")
 PROBE_SIDE = 64              # input side at which an encoder's feature strides are read off
 
@@ -330,8 +330,9 @@ def build_model(name, *, encoder=None, **options):
 
 
 def required_multiple(model):
-    """Input sides must be multiples of this: what the model's builder recorded, or for models
-    saved before it did, 2 ** (number of poolings)."""
+    """Input sides must be multiples of this: what the model's builder recorded, or for model
+    files saved before it did (2026-11-22, models without encoders), 2 ** (number of
+    poolings)."""
     for layer in model.layers:
         if layer.name.startswith(MULTIPLE_MARKER):
             return int(layer.name.removeprefix(MULTIPLE_MARKER))

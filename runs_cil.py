@@ -16,7 +16,6 @@ while a live process holds it or any run inside it.
 """
 
 import json
-import math
 import os
 import re
 import signal
@@ -39,6 +38,12 @@ FILES = dict(config="config.json", split="split.json", best_model="best.keras",
              panels="images",                # TensorBoard's image panels
              oof="oof_predictions.npz")      # a fold's predictions of the images it left out
 STATE_FILE = "state.json"                    # inside checkpoint/: which model file is current
+# The formats of the two records a run is read back by. config.json: 1 is {settings, sources,
+# ...} without a number (2026-11-23 to 2026-12-07), 2 adds "format"; the flat settings of
+# 2026-11-22 are no longer read. checkpoint/state.json: 1, the same keys with or without the
+# number.
+CONFIG_FORMAT = 2
+STATE_FORMAT = 1
 SUBMISSION_FILE = "submission.csv"
 LOCK_FIX = "delete it if no process of the tool holds the run"
 FOLD_PREFIX = "fold-"
@@ -91,6 +96,14 @@ def is_run(folder):
     return path(folder, "config").is_file()
 
 
+def newer_format(file, record, known):
+    """InputError when `record` says it has a format this version of the tool does not know."""
+    if not isinstance(record.get("format", 1), int) or record.get("format", 1) > known:
+        return damaged(file, f"format {record.get('format')!r}, newer than this tool's {known}",
+                       "read it with the version of the tool that wrote it")
+    return None
+
+
 def read_record(folder):
     """The run's config.json, or InputError naming what was expected."""
     file = path(folder, "config")
@@ -99,8 +112,10 @@ def read_record(folder):
     if record is None:
         raise InputError(f"{file}: not found; {folder} is not a run folder of this tool (pass "
                          "logs/<run>, the folder a run printed)")
-    if not isinstance(record.get("settings", record), dict):
-        raise damaged(file, "its settings are not a JSON object", fix)
+    if error := newer_format(file, record, CONFIG_FORMAT):
+        raise error
+    if not isinstance(record.get("settings"), dict):
+        raise damaged(file, "it records no settings", fix)
     return record
 
 
@@ -110,37 +125,30 @@ def read_metrics(folder):
                                               "again") or {}
 
 
-# checkpoint/state.json: key -> the types its value may have
-STATE_TYPES = dict(file=(str,), epoch=(int,), step=(int,), best=(int, float, type(None)),
-                   best_epoch=(int, type(None)), wait=(int,), epoch_seconds=(list,))
-
-
 def read_state(folder):
-    """The checkpoint's state (epoch, step, best, file), or None without a checkpoint;
-    InputError when it is damaged or names a model file that is missing."""
+    """The checkpoint's state (epoch, step, best, file, ...) as training wrote it, whole, or
+    None without a checkpoint; InputError when it is cut short, of a newer format, or names a
+    model file that is not a whole one in its folder (a name with a folder in it would make the
+    checkpoint's rotation delete outside the run)."""
     file = path(folder, "checkpoint_dir") / STATE_FILE
     fix = (f"restore it from a copy, or start the run anew with --force (nothing of {folder} is "
            "deleted)")
     state = read_json(file, fix)
     if state is None:
         return None
-    wrong = [key for key, types in STATE_TYPES.items() if not isinstance(state.get(key), types)
-             or isinstance(state.get(key), bool)]
-    if not wrong and state["best"] is not None and not math.isfinite(state["best"]):
-        wrong = ["best"]
-    if wrong or state["epoch"] < 0 or state["step"] < 0:
-        raise damaged(file, f"{', '.join(wrong) or 'epoch and step'} not as the tool writes "
-                            "them", fix)
-    model = file.parent / state["file"]
-    if Path(state["file"]).name != state["file"] or not model.is_file():
-        raise damaged(file, f"it names {state['file']}, which is not in {file.parent}", fix)
-    if not zipfile.is_zipfile(model):    # the tool writes it whole; cut short, it is no archive
-        raise damaged(model, "not a whole .keras archive", fix)
+    if error := newer_format(file, state, STATE_FORMAT):
+        raise error
+    name = state.get("file")
+    if not (isinstance(name, str) and Path(name).name == name
+            and (file.parent / name).is_file()):
+        raise damaged(file, f"it names {name!r}, which is not a file in {file.parent}", fix)
+    if not zipfile.is_zipfile(file.parent / name):   # written whole; cut short, it is no archive
+        raise damaged(file.parent / name, "not a whole .keras archive", fix)
     return state
 
 
 def write_state(folder, state):
-    write_json(path(folder, "checkpoint_dir") / STATE_FILE, state)
+    write_json(path(folder, "checkpoint_dir") / STATE_FILE, dict(state, format=STATE_FORMAT))
 
 
 def read_exit_code(folder):
@@ -260,8 +268,9 @@ class Run:
 
 
 def is_owned(folder):
-    """Whether the tool made `folder`: its mark, or for folders of versions before the mark, a
-    config.json or job.json that is this tool's record."""
+    """Whether the tool made `folder`: its mark, or for run folders made before the mark
+    (2026-11-23 to 2026-12-02, config.json of format 1), a config.json or job.json that is this
+    tool's record."""
     folder = Path(folder)
     if (folder / OWNER_FILE).is_file():
         return True

@@ -29,8 +29,8 @@ from options_cil import (APPLICATION_ENCODERS, AUG_NEUTRAL, DATA_GEN_ARGS, DEMO,
                          aug_overrides, closest_option, default_monitor, input_multiple,
                          learned_names, monitored_metrics, options_by_name, parse_class_weights,
                          parse_loss, resolve_aug, tile_error)
-from runs_cil import (check_run_name, fold_folder, host_name, read_metrics, read_record,
-                      read_state, run_folder_of)
+from runs_cil import (CONFIG_FORMAT, check_run_name, fold_folder, host_name, read_metrics,
+                      read_record, read_state, run_folder_of)
 from weights_cil import PACKAGED, packaged_file, weights_record
 
 RESUME_OVERRIDES = ("epochs", "patience")    # learned settings a resumed run may change
@@ -164,7 +164,7 @@ def read_config_layer(path):
 def record_layer(record, names, where):
     """{setting: typed value} of the listed settings a run recorded (other keys are ignored:
     an older version may have recorded options that no longer exist)."""
-    settings = record.get("settings", record)     # runs of version 1 wrote settings flat
+    settings = record["settings"]                  # read_record checked it is an object
     options = options_by_name()
     if not settings.keys() & options.keys():
         raise InputError(f"{where}: damaged (it records no settings); restore it from a copy, "
@@ -468,7 +468,7 @@ def config_record(settings, run_name):
     """What config.json holds: every resolved setting, where each came from, and what
     reproduces the run (command line, start time, library versions)."""
     versions = {name: installed_version(name) for name in RECORDED_PACKAGES}
-    record = dict(settings=_jsonable({**settings, "run_name": run_name}),
+    record = dict(format=CONFIG_FORMAT, settings=_jsonable({**settings, "run_name": run_name}),
                   sources={**settings.sources, "run_name": settings.sources.get("run_name",
                                                                                 "generated")},
                   command=" ".join(sys.argv), started=datetime.now().isoformat(timespec="seconds"),

@@ -242,7 +242,8 @@ def test_a_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, road_dir, 
 def test_resume_refuses_a_folder_without_checkpoint(workdir, tmp_path):
     (tmp_path / "logs/empty").mkdir(parents=True)
     (tmp_path / "logs/empty/config.json").write_text(json.dumps(
-        {**resolved(), "data_dir": "x", "palette": None, "run_name": "empty"}, default=str))
+        {"settings": {**resolved(), "data_dir": "x", "palette": None, "run_name": "empty"}},
+        default=str))
     result = CliRunner().invoke(main, ["--resume", "logs/empty"])
     assert result.exit_code == 2 and "no checkpoint to resume from" in result.output
 
@@ -263,7 +264,8 @@ def test_resume_keeps_the_runs_own_folder_for_every_later_hint(workdir, tmp_path
     run_dir = tmp_path / "elsewhere/r"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(
-        {**resolved(), "data_dir": "x", "palette": None, "run_name": "r"}, default=str))
+        {"settings": {**resolved(), "data_dir": "x", "palette": None, "run_name": "r"}},
+        default=str))
     checkpoint_state(run_dir)
     settings = resolved("--resume", run_dir)
     assert Path(settings["logs_dir"]) / settings["run_name"] == run_dir
