@@ -37,8 +37,8 @@ import numpy as np
 
 from cli_cil import HELP_OPTIONS, OneLineCommand, one_line_errors
 from data_cil import IMAGES_SUBDIR, find_pairs, load_pairs, synthetic_road_pair
-from io_cil import InputError, write_json
 from devices_cil import backend_name, start_backend
+from io_cil import InputError, write_json
 from mask_to_submission import check_output_path
 from options_cil import BATCH_SIZE, CROP, DATA_DIR, DATA_GEN_ARGS, LOSS, RECIPES, resolve_aug
 from settings_cil import installed_version
@@ -156,6 +156,7 @@ def training_rate(model, side, batch, steps, repeats):
     """Images/s of train steps as main_cil.py runs them (its loss and metrics), data in memory
     so only the model is timed."""
     import keras
+
     from losses_cil import SegmentationLoss, training_metrics
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=SegmentationLoss(LOSS),
                   metrics=training_metrics(1))
@@ -303,6 +304,7 @@ def peak_mib():
 def measure(data_dir, quick, parts, sizes=None, labels=tuple(MODELS), chosen_encoders=()):
     """Every part asked for, on the road pairs of `data_dir` (None: generated roads)."""
     import keras
+
     from model_cil import build_model
     p = dict(QUICK if quick else FULL, **(sizes or {}))
     rows = {}

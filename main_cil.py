@@ -200,6 +200,7 @@ def train(settings, run, place, train_images, train_masks, class_weights, valid=
     """Build (or reload the run's checkpoint), compile and fit on the training pairs and the
     `extra` (images, masks) of --extra-data; returns the RunCheckpoint."""
     import keras
+
     from model_cil import load_model, required_multiple
     from pipeline_cil import training_dataset, validation_arrays, validation_batches
     from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, progress_kind,

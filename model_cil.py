@@ -20,7 +20,7 @@ from keras import layers
 from backbones_cil import (efficientnet_lite0, lite_preprocessing, mobilenet_v2,
                            torchvision_preprocessing)
 from io_cil import InputError
-from options_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODERS, ENCODER_POOLINGS, FILTERS, INIT,
+from options_cil import (ACTIVATION, DEPTH, DROPOUT, ENCODER_POOLINGS, ENCODERS, FILTERS, INIT,
                          MODEL_NAMES, TINY_UNET_POOLINGS)
 from weights_cil import PACKAGED, cached_weights_only, load_file, load_packaged
 

@@ -25,10 +25,10 @@ from click.core import ParameterSource
 
 from io_cil import InputError, unique_keys
 from options_cil import (APPLICATION_ENCODERS, AUG_NEUTRAL, DATA_GEN_ARGS, DEMO, ENV_PREFIX,
-                         GLOBAL_BATCH_RECIPES, OPTIONS, RECIPES, SUBMIT_SUBDIR,
-                         aug_overrides, closest_option, default_monitor, input_multiple,
-                         learned_names, monitored_metrics, options_by_name, parse_class_weights,
-                         parse_loss, resolve_aug, tile_error)
+                         GLOBAL_BATCH_RECIPES, OPTIONS, RECIPES, SUBMIT_SUBDIR, aug_overrides,
+                         closest_option, default_monitor, input_multiple, learned_names,
+                         monitored_metrics, options_by_name, parse_class_weights, parse_loss,
+                         resolve_aug, tile_error)
 from runs_cil import (CONFIG_FORMAT, check_run_name, fold_folder, host_name, read_metrics,
                       read_record, read_state, run_folder_of)
 from weights_cil import PACKAGED, packaged_file, weights_record

@@ -20,10 +20,10 @@ import numpy as np
 from board_cil import EventWriter, epoch_scalars, png_image
 from io_cil import write_atomically, write_text
 from model_cil import encoder_layer, save_model
+from options_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
 from render_cil import render_mask
 from runs_cil import (STOP_SIGNALS, TrainingDiverged, TrainingInterrupted, path, read_state,
                       write_state)
-from options_cil import LR_DECAY, LR_DECAY_STEPS, MOMENTUM, OPTIMIZERS, RHO
 
 PLATEAU_FACTOR = 0.5         # `plateau` halves the learning rate ...
 PLATEAU_PATIENCE = 5         # ... after this many epochs without improvement

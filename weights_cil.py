@@ -156,6 +156,7 @@ def fetch_imagenet(name):
     """--fetch-weights: the encoder's ImageNet weights into Keras' cache, downloaded if missing;
     returns (its parameters, the cache folder)."""
     from keras.src.backend.config import keras_home
+
     from model_cil import backbone
     network = backbone(name, "imagenet")
     return network.count_params(), Path(keras_home()).expanduser() / "models"

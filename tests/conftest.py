@@ -41,6 +41,21 @@ TINY = ["--filters", "4", "--depth", "2", "--crop", "32", "--count", "1", "--bat
         "--epochs", "2", "--valid-fraction", "0.25"]
 
 
+def tree(folder):
+    """Every path under `folder`, relative and sorted: compared before and after, it shows that
+    a refused command wrote nothing."""
+    return sorted(str(path.relative_to(folder)) for path in Path(folder).rglob("*"))
+
+
+def one_line_error(output, *named):
+    """The output ends in exactly one error line, which names everything in `named` (the file,
+    the option, the fix that matters), and holds no traceback."""
+    lines = output.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), output
+    assert all(part in lines[-1] for part in named), output
+    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in output
+
+
 def cli(*args, env=None):
     """main_cil.py's command line in this process; the click result."""
     return CliRunner().invoke(main, [str(a) for a in args], env=env)

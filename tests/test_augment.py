@@ -8,9 +8,9 @@ import pytest
 
 import pipeline_cil
 from io_cil import InputError
+from options_cil import AUG_NEUTRAL, FILL_MODES, NO_PERTURBATION, aug_overrides, resolve_aug
 from pipeline_cil import (DRAWS, draws, perturb_pair, perturbation_transform, resample,
                           training_dataset)
-from options_cil import AUG_NEUTRAL, FILL_MODES, NO_PERTURBATION, aug_overrides, resolve_aug
 from tests.conftest import needs_tensorflow
 
 EVERYTHING = dict(rotation_range=40, width_shift_range=0.1, height_shift_range=3,
@@ -218,8 +218,9 @@ def test_images_of_several_sizes_need_a_crop(executor):
 def test_tensorflow_resamples_exactly_as_the_numpy_definition(fill_mode):
     """The same draws through both executors: the same transform, the same pixels (the image
     to float rounding, the mask exactly), every fill mode, far outside the image too."""
-    import tensorflow as tf
     from types import SimpleNamespace
+
+    import tensorflow as tf
     tf_math = SimpleNamespace(where=tf.where, floor=tf.math.floor, round=tf.math.round,
                               cos=tf.math.cos, sin=tf.math.sin, stack=tf.stack,
                               asarray=lambda value, dtype: tf.cast(value, dtype))

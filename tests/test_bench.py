@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 import bench_cil
 from model_cil import build_unet
+from tests.conftest import one_line_error
 
 
 def test_flops_are_counted_from_the_convolutions():
@@ -60,9 +61,7 @@ def test_the_benchmark_replaces_only_its_own_results(workdir):
     (workdir / "notes.json").write_text('{"mine": 1}')
     result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "peak", "-o", "notes.json"])
     assert result.exit_code == 2
-    assert result.output.splitlines()[-1] == ("error: notes.json: exists and holds no results of "
-                                              "this benchmark; choose another -o (it replaces "
-                                              "only its own results)")
+    one_line_error(result.output, "notes.json", "-o")
     assert (workdir / "notes.json").read_text() == '{"mine": 1}' and "matmul" not in result.output
     for _ in range(2):                                    # its own results: replaced each time
         result = CliRunner().invoke(bench_cil.main, ["--quick", "--part", "peak", "-o", "b.json"])

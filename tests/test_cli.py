@@ -11,8 +11,8 @@ import pytest
 import devices_cil
 from data_cil import read_image
 from model_cil import load_saved_model
-from runs_cil import OWNER_FILE
 from predict_cil import predict_probabilities
+from runs_cil import OWNER_FILE
 from tests.conftest import TINY, cli, make_pair, predicted_alone
 
 pytestmark = pytest.mark.slow      # each test trains a model end to end

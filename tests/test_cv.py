@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import grid_cil
-from train_cil import RunCheckpoint
 from tests.conftest import REPO, TINY, cli
+from train_cil import RunCheckpoint
 
 pytestmark = pytest.mark.slow
 CV = [*TINY, "--folds", "3", "--patience", "0"]
@@ -105,7 +105,7 @@ def test_extra_pairs_train_every_fold_but_are_never_validated_scored_or_tuned_on
         workdir, road_dir, monkeypatch):
     import pipeline_cil
     import predict_cil
-    from data_cil import load_pairs, find_pairs, write_synthetic_dataset
+    from data_cil import find_pairs, load_pairs, write_synthetic_dataset
     extra_dir = write_synthetic_dataset(workdir / "extra", count=4, size=64, seed=9)
     for path in extra_dir.glob("training/*/*.png"):
         path.rename(path.with_name(path.name.replace("synthetic", "extra")))

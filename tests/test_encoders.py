@@ -1,5 +1,5 @@
 """U-Nets and UNet++ on keras.applications encoders: feature strides, weights from the cache or a
-file (never the network in tests), frozen and slower encoders, and tiled prediction."""
+file (never the network in tests), frozen and slower encoders, and HED's packaged VGG16."""
 
 import json
 from pathlib import Path
@@ -11,7 +11,6 @@ import pytest
 import weights_cil
 from model_cil import (BACKBONES, backbone, build_model, encoder_layer, feature_indices,
                        required_multiple)
-from predict_cil import predict_image, predict_probabilities, predict_tiled, tile_window
 from options_cil import ENCODERS
 from tests.conftest import BACKEND, TINY, cli
 from train_cil import RunCheckpoint, make_optimizer
@@ -229,50 +228,6 @@ def test_an_encoder_unet_trains_reloads_and_submits(workdir, road_dir):
     model = keras.models.load_model("logs/enc/best.keras")
     assert model.name == f"unet_nested_{SMALL}" and required_multiple(model) == 32
     assert (road_dir / "submit_output/enc/submission.csv").is_file()
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiles
-
-
-def test_the_tile_window_blends_to_a_smooth_partition():
-    window = tile_window(32, 8)[..., 0]
-    assert window.max() == 1.0 and window[16, 16] == 1.0 and 0 < window[0, 0] < 0.01
-    assert np.allclose(window, window.T) and np.allclose(window, window[::-1, ::-1])
-
-
-def sides_seen(model, predict):
-    """(what `predict`(model) returns, the sides of every batch the model was given)."""
-    seen = []
-    original = model.predict_on_batch
-    model.predict_on_batch = lambda batch: seen.append(batch.shape[1:3]) or original(batch)
-    try:
-        return predict(model), seen
-    finally:
-        model.predict_on_batch = original
-
-
-def test_tiled_and_whole_predictions_agree_and_tiles_stay_tile_sized():
-    """A model that sees about as far as the overlap: tiles blend into the whole prediction."""
-    keras.utils.set_random_seed(0)
-    model = build_model("unet", filters=4, depth=1)
-    image = np.random.default_rng(0).integers(0, 256, (100, 70, 3)).astype(np.uint8)
-    tiled, seen = sides_seen(model, lambda m: predict_tiled(m, image, tile=48, overlap=16))
-    whole = predict_probabilities(model, image)
-    assert tiled.shape == whole.shape == (100, 70, 1)
-    assert set(seen) == {(48, 48)} and len(seen) == 3 * 2      # starts 0, 32, 52 and 0, 22
-    # a random model: how far it sees past a tile's edge depends on its draw (backends draw
-    # differently), so the bound on the worst pixel is loose, the mean tight
-    assert np.abs(tiled - whole).mean() < 0.005 and np.abs(tiled - whole).max() < 0.1
-
-
-def test_a_tile_that_covers_the_image_predicts_it_whole():
-    """--tile 100000 on a 40x30 image: one whole-image pass, not a 100000x100000 padded tile."""
-    model = build_model("unet", filters=2, depth=2)
-    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3)).astype(np.uint8)
-    covered, seen = sides_seen(model, lambda m: predict_image(m, image, tile=100000, overlap=64))
-    assert seen == [(40, 32)]
-    assert np.array_equal(covered, predict_probabilities(model, image))
 
 
 # ---------------------------------------------------------------------------------------------

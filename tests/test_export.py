@@ -81,6 +81,7 @@ def test_an_onnx_export_predicts_in_onnx_runtime_like_the_keras_model(workdir, t
 def test_a_second_export_of_a_run_replaces_the_first_whole(tmp_path):
     """A resumed run started with --export exports its new best model over the earlier one."""
     import tensorflow as tf
+
     from export_cil import export_saved_model
     first, second = build_unet(filters=2, depth=1), build_unet(filters=3, depth=1)
     image = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype(np.float32)

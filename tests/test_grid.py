@@ -17,7 +17,8 @@ import jobs_cil
 from grid_cil import expand, job_id, load_grid
 from io_cil import InputError
 from jobs_cil import job_argv, job_status
-from tests.conftest import REPO, TF_QUIET
+from runs_cil import OWNER_FILE, host_name, own_folder
+from tests.conftest import REPO, TF_QUIET, one_line_error, resolved
 
 FAKE_SCHEDULER = """#!{python}
 # Records its arguments and environment as JSON, answers like the real {name}.
@@ -92,29 +93,6 @@ def test_flags_take_true_false_or_1_0(tmp_path):
         ["--no-aug", "--no-batchnorm", "--submit"], ["--no-aug", "--no-batchnorm"]]
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"filtres": [8]}, "'filtres' is not an option; did you mean filters?"),
-    ({"run-name": ["x"]}, "'run-name' is not an option a grid may set"),
-    ({"logs_dir": "elsewhere"}, "'logs_dir' is not an option a grid may set"),
-    ({}, "sets no option; a grid needs at least one"),
-    ({"lr": None}, "lr: null is not a value; leave the key out for the default"),
-    ({"lr": ["x"]}, "lr: 'x' is not a valid float"),
-    ({"lr": ["0.001; touch /tmp/cil-injected #"]}, "is not a valid float"),
-    ({"gpus": ["one"]}, "gpus: 'one' is not a valid integer"),
-    ({"epochs": [2.5]}, "epochs: 2.5 is not a valid int"),
-    ({"batchnorm": ["yes"]}, 'batchnorm: "yes" is not true or false'),
-    ({"loss": []}, "'loss' has an empty list of values"),
-    ({"aug": ["rotation=3"]}, "--aug rotation=3: expected key=value with key one of"),
-    ({"lr": [0.1], "resources": {"walltime": "4:00:00"}}, "walltime '4:00:00': use H:MM"),
-    ({"lr": [0.1], "resources": {"cpus": 4}}, "resources cpus unknown"),
-    ({"lr": [0.1], "resources": {"partition": "gpu; rm -rf /"}}, "resources partition"),
-])
-def test_bad_grid_values_are_one_clear_error(tmp_path, content, message):
-    with pytest.raises(InputError) as error:
-        load_grid(grid_file(tmp_path, content))
-    assert message in str(error.value)
-
-
 def test_a_job_that_cannot_run_is_an_error_before_anything_is_submitted(tmp_path):
     path = grid_file(tmp_path, {"filters": [2, 4], "crop": [32, 30], "depth": 2})
     with pytest.raises(InputError, match="job filters-2__crop-30: --crop must be a multiple of 4"):
@@ -127,16 +105,6 @@ def test_colliding_and_long_values_get_distinct_bounded_ids(tmp_path):
     assert job_id({"loss": "bce+dice"}) != job_id({"loss": "bce_dice"})
     long = job_id({"data_dir": Path("x" * 300)})
     assert len(long) <= grid_cil.JOB_ID_LENGTH and long != job_id({"data_dir": Path("x" * 299)})
-
-
-@pytest.mark.parametrize("text", ['{"lr": 0.1, "lr": 0.2}',
-                                  '{"lr": [0.1], "resources": {"cores": 1, "cores": 2}}'])
-def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text):
-    path = tmp_path / "twice.json"
-    path.write_text(text)
-    with pytest.raises(InputError) as error:
-        load_grid(path)
-    assert "twice.json" in str(error.value) and "given twice" in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["..", "a;b", "-x"])
@@ -210,8 +178,8 @@ def test_a_missing_scheduler_is_one_line_and_exit_2(tmp_path, monkeypatch):
     result = grid(grid_file(tmp_path, {"lr": [0.1]}), "--scheduler", "lsf", "--jobs-dir",
                   tmp_path / "jobs")
     assert result.exit_code == 2
-    assert result.output.strip() == ("error: bsub not found: --scheduler lsf needs an LSF login "
-                                     "node; use --scheduler local here")
+    one_line_error(result.output, "bsub", "--scheduler local")
+    assert not (tmp_path / "jobs").exists()
 
 
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path, monkeypatch):
@@ -409,3 +377,39 @@ def test_a_local_grid_runs_skips_what_finished_and_summarises(tmp_path, road_dir
     again = grid(path, "--scheduler", "local", "--jobs-dir", tmp_path / "jobs")
     assert "filters-2: finished, skipped" in again.output
     assert f"{tmp_path / 'jobs/g'}: nothing to run" in again.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Job arguments stay whole; a running local job is left alone
+
+
+def test_a_newline_in_a_grid_value_stays_one_argument_and_the_run_stays_in_its_folder(tmp_path):
+    value = "bce\n--logs-dir\n/tmp/y"
+    folder = tmp_path / "jobs/g/job"
+    words = jobs_cil.job_run_words(folder, dict(args=[f"--data-dir={value}"],
+                                                logs_dir=str(folder.parent), run_name="job"))
+    settings = resolved(*words)
+    assert str(settings.data_dir) == value
+    assert (settings.logs_dir, settings.run_name) == (folder.parent, "job")
+    with pytest.raises(InputError) as error:
+        jobs_cil.checked_settings([f"--loss={value}"], "grid")
+    assert repr(value) + " is not a loss" in str(error.value)
+
+
+def test_a_local_job_that_runs_is_skipped_by_a_second_grid_call(tmp_path):
+    (tmp_path / "g.json").write_text(json.dumps({"lr": [0.1]}))
+    folder = tmp_path / "jobs/g/lr-0.1"
+    own_folder(folder.parent, "grid folder")
+    own_folder(folder, "job folder")
+    runner = subprocess.Popen(["sleep", "60"])
+    try:
+        (folder / "submitted.json").write_text(json.dumps(dict(
+            scheduler="local", job_id="local", pid=runner.pid, host=host_name())))
+        result = CliRunner().invoke(grid_cil.main, [str(tmp_path / "g.json"), "--jobs-dir",
+                                                    str(tmp_path / "jobs")])
+        assert "lr-0.1: running, skipped" in result.output
+        assert sorted(p.name for p in folder.iterdir()) == [OWNER_FILE, "submitted.json"]
+    finally:
+        runner.kill()
+        runner.wait()
+    assert jobs_cil.job_status(folder) == "lost"

@@ -7,8 +7,8 @@ import pytest
 from io_cil import InputError
 from losses_cil import (LOSS_FUNCTIONS, METRIC_FORMULAS, SegmentationLoss, SegmentationMetric,
                         auto_class_weights, evaluation_metrics, training_metrics)
-from options_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss
 from model_cil import build_unet
+from options_cil import LOSS_TERMS, METRIC_KINDS, monitored_metrics, parse_loss
 from tests.conftest import needs_tensorflow
 
 BINARY_LOSSES = [term for term in LOSS_TERMS] + ["bce+patch_f1", "focal+dice"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from losses_cil import SegmentationLoss
-from model_cil import (BUILDERS, FusedBatchNormalization, build_model, build_tiny_unet,
-                       build_unet, required_multiple)
+from model_cil import (BUILDERS, FusedBatchNormalization, build_model, build_tiny_unet, build_unet,
+                       required_multiple)
 from options_cil import MODEL_NAMES, TINY_UNET_POOLINGS, input_multiple
 
 

@@ -1,18 +1,23 @@
 """Settings: one owner for every default, the precedence of sources, config files and the
-environment, what --resume and --from-run restore, the help, and a command line that does not
-load TensorFlow until a run starts."""
+environment, the recipes, what --resume and --from-run restore, the help, and a command line
+that does not load TensorFlow until a run starts."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import keras
 import pytest
 
+import weights_cil
 from io_cil import InputError
-from options_cil import GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES, learned_names
+from options_cil import (AUG_NEUTRAL, GROUPS, LEARNED_GROUPS, OPTIONS, RECIPES, learned_names,
+                         resolve_aug)
 from settings_cil import CONFIG_EXCLUDED, RESUME_OVERRIDES, Settings
 from tests.conftest import REPO, checkpoint_state, cli, resolved, saved_run
+from train_cil import learning_rate, make_optimizer
 
 
 def test_precedence_command_line_environment_config_recipe_default(workdir, monkeypatch):
@@ -44,29 +49,6 @@ def test_a_config_file_may_hold_perturbations_and_flags_in_json(workdir):
     settings = resolved("--config", config)
     assert settings.aug["rotation_range"] == 5 and settings.aug["vertical_flip"]
     assert settings.batchnorm is False and settings.tta == 8
-
-
-@pytest.mark.parametrize("content, message", [
-    ({"epochz": 3}, "'epochz' is not an option; did you mean epochs?"),
-    ({"batch_sise": 3}, "did you mean batch-size?"),
-    ({"resume": "logs/x"}, "'resume' cannot come from a config file"),
-    ({"epochs": "many"}, "epochs: 'many' is not a valid integer"),
-    ([1, 2], "expected a JSON object"),
-])
-def test_config_file_errors_name_the_key_and_the_closest_option(workdir, content, message):
-    config = workdir / "c.json"
-    config.write_text(json.dumps(content))
-    result = cli("--config", config)
-    assert result.exit_code == 2 and message in result.output
-    assert "Traceback" not in result.output and not (workdir / "logs").exists()
-
-
-def test_a_config_key_given_twice_is_refused(workdir):
-    config = workdir / "c.json"
-    config.write_text('{"epochs": 3, "epochs": 4}')
-    result = cli("--config", config)
-    assert result.exit_code == 2 and "c.json" in result.output and "'epochs'" in result.output
-    assert not (workdir / "logs").exists()
 
 
 def test_settings_are_immutable_and_replace_records_the_source():
@@ -197,8 +179,8 @@ def test_a_usage_error_is_one_line_and_quick(workdir):
     result = cli("--epochz", "3")
     assert result.exit_code == 2
     lines = result.output.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: No such option '--epochz'. (Did you "
-                                                   "mean one of: '--depth', '--epochs'")
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--epochz" in lines[0]
+    assert "--epochs" in lines[0]                          # the closest option is named
 
 
 TOOLS = ("main_cil.py", "grid_cil.py", "mask_to_submission.py", "bench_cil.py")
@@ -212,12 +194,13 @@ def test_every_tool_takes_h_and_says_a_usage_error_in_one_line(tool):
     wrong = subprocess.run([sys.executable, tool, "--no-such-option"], cwd=REPO,
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and wrong.stdout == ""
-    assert wrong.stderr.splitlines() == ["error: No such option '--no-such-option'."]
+    assert len(wrong.stderr.splitlines()) == 1 and "--no-such-option" in wrong.stderr
 
 
 def missing_backend():
     """A backend this tool runs on that is not installed here, or None."""
     import importlib.util
+
     from devices_cil import BACKEND_INSTALLS
     return next((name for name in BACKEND_INSTALLS if importlib.util.find_spec(name) is None),
                 None)
@@ -287,3 +270,54 @@ def test_the_readmes_config_file_example_resolves_as_it_says(workdir):
     settings = resolved("--config", config)
     assert (settings.filters, settings.loss, settings.aug["rotation_range"]) == (8, "bce", 90)
     assert settings.aug["quarter_turns"] and settings.sources["loss"] == f"config {config}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def test_the_nvidia_recipe_resolves_to_its_documented_values():
+    settings = resolved("--recipe", "nvidia-tinyunet")
+    assert (settings["model"], settings["batch_size"], settings["loss"]) == ("tiny-unet", 16,
+                                                                           "adaptive")
+    assert (settings["init"], settings["weight_decay"], settings["batchnorm"]) == ("he_uniform",
+                                                                                 1e-5, False)
+    assert settings["aug"] == resolve_aug(dict(AUG_NEUTRAL, horizontal_flip=True,
+                                               quarter_turns=True))
+    rate = learning_rate(settings["lr_schedule"], settings["lr"], decay=settings["lr_decay"],
+                         decay_steps=settings["lr_decay_steps"])
+    assert [float(rate(step)) for step in (0, 499, 500, 1000)] == pytest.approx(
+        [1e-4, 1e-4, 0.8e-4, 0.64e-4])
+    optimizer = make_optimizer(settings["optimizer"], rate, rho=settings["rho"],
+                               momentum=settings["momentum"], centered=settings["centered"])
+    config = optimizer.get_config()
+    assert isinstance(optimizer, keras.optimizers.RMSprop)
+    assert (config["rho"], config["momentum"], config["centered"]) == (0.9, 0.8, True)
+
+
+def test_explicit_flags_override_a_recipe():
+    settings = resolved("--recipe", "nvidia-tinyunet", "--lr", "0.001", "--loss", "bce",
+                        "--aug", "rotation_range=10")
+    assert (settings["lr"], settings["loss"], settings["optimizer"]) == (0.001, "bce", "rmsprop")
+    assert settings["aug"]["rotation_range"] == 10 and settings["aug"]["quarter_turns"]
+
+
+def test_the_classic_recipe_is_the_original_keras_unet():
+    settings = resolved("--recipe", "classic")
+    assert (settings["filters"], settings["lr"], settings["loss"], settings["batchnorm"]) == (
+        64, 1e-4, "bce", False)
+
+
+def test_the_pretrained_recipe_is_what_the_readme_measured(monkeypatch):
+    monkeypatch.setattr(weights_cil, "installed_file", lambda name: Path("hed.weights.h5"))
+    settings = resolved("--recipe", "vgg16-hed", "--epochs", "30")
+    assert (settings["model"], settings["encoder"], settings["encoder_weights"]) == (
+        "unet", "vgg16", "hed")
+    assert (settings["freeze_encoder"], settings["encoder_lr_scale"], settings["count"],
+            settings["patience"], settings["amp"]) == (5, 10, 4, 0, True)
+    assert settings["epochs"] == 30 and settings.sources["epochs"] == "command line"
+    assert settings.sources["count"] == "recipe vgg16-hed"
+
+
+def test_the_global_batch_of_the_recipe_is_split_over_gpus():
+    assert resolved("--recipe", "nvidia-tinyunet", "--gpus", "2")["batch_size"] == 8

@@ -1,12 +1,17 @@
-"""The Kaggle CSV: exact lines, order, round trip, and refusing to overwrite."""
+"""The Kaggle CSV: exact lines, order, round trip, every mask encoding, image numbers, several
+classes, and refusing to overwrite."""
 
+import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import mask_to_submission as m2s
+from data_cil import image_number
 from io_cil import InputError
-from tests.conftest import save
+from predict_cil import write_test_predictions
+from runs_cil import close_run, open_run
+from tests.conftest import resolved, save
 
 
 def mask_with_patch(x, y, size=608):
@@ -103,3 +108,84 @@ def test_a_non_ascii_digit_is_no_image_number_in_either_direction(tmp_path):
     runner = CliRunner()
     result = runner.invoke(m2s.main, ["--to-masks", str(csv), "-o", str(tmp_path / "back")])
     assert result.exit_code == 2 and not (tmp_path / "back").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every mask encoding, image numbers, several classes, the CSV's place
+
+
+def road_at(value, dtype, x=16, y=32, size=64):
+    mask = np.zeros((size, size), dtype)
+    mask[y:y + 16, x:x + 16] = value
+    return mask
+
+
+@pytest.mark.parametrize("mask", [road_at(1, np.uint8), road_at(255, np.uint8),
+                                  road_at(237, np.uint8), road_at(65535, np.uint16),
+                                  road_at(True, bool), road_at(1.0, np.float32)])
+def test_every_common_mask_encoding_gives_the_same_csv(tmp_path, mask):
+    fraction = m2s.mask_fraction(mask, "m.png")
+    lines = m2s.submission_lines({7: fraction})
+    assert [line for line in lines if line.endswith(",1")] == ["007_16_32,1"]
+
+
+@pytest.mark.parametrize("mask", [road_at(200, np.uint16), road_at(3.0, np.float32),
+                                  road_at(-1, np.int16)])
+def test_a_mask_of_unknown_scale_is_refused(mask):
+    with pytest.raises(InputError, match="m.png: mask values .* save the masks as 8-bit PNGs"):
+        m2s.mask_fraction(mask, "m.png")
+
+
+@pytest.mark.parametrize("name, number", [("test_5.png", 5), ("test_012.png", 12),
+                                          ("satImage_001.png", 1), ("mask_044.png", 44)])
+def test_image_numbers_come_from_the_documented_pattern(name, number):
+    assert image_number(name) == number
+
+
+@pytest.mark.parametrize("name", ["test_5_v2.png", "test5.png", "5.png", "test_.png"])
+def test_other_names_are_refused_not_guessed(name):
+    with pytest.raises(InputError, match="not a numbered image name; name it like test_12.png"):
+        image_number(name)
+
+
+def red_is_class_1(classes):
+    """A model that predicts class 1 where the red channel is bright, class 0 elsewhere."""
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    layer = keras.layers.Conv2D(classes, 1, activation="softmax")
+    outputs = layer(x)
+    kernel = np.zeros((1, 1, 3, classes), np.float32)
+    kernel[0, 0, 0, 1] = 40
+    bias = np.zeros(classes, np.float32)
+    bias[1] = -20
+    layer.set_weights([kernel, bias])
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_a_two_class_submission_writes_the_csv_of_class_1(tmp_path, classes, capsys):
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[32:48, 16:32, 0] = 255
+    tests = {3: save(tmp_path / "test_images/test_3.png", image)}
+    run, _ = open_run(tmp_path / "logs", "r", tmp_path / "valid", tmp_path / "submit")
+    settings = resolved("--classes", classes, "--tta", "1")
+    summary = write_test_predictions([red_is_class_1(classes)], settings, run, tests)
+    close_run(run)
+    output = capsys.readouterr().out
+    if classes == 2:
+        lines = (run.submit_dir / "submission.csv").read_text().splitlines()
+        assert [line for line in lines if line.endswith(",1")] == ["003_16_32,1"]
+        assert "of them class 1" in output and summary["csv_lines"] == 16
+    else:
+        assert not (run.submit_dir / "submission.csv").exists()
+        assert "no Kaggle CSV: it scores one foreground class and the model has 3" in output
+
+
+def test_the_converter_refuses_a_folder_as_its_csv(tmp_path):
+    save(tmp_path / "masks/test_1.png", road_at(255, np.uint8))
+    (tmp_path / "out").mkdir()
+    result = CliRunner().invoke(m2s.main, [str(tmp_path / "masks"), "-o", str(tmp_path / "out"),
+                                           "--force"])
+    assert result.exit_code == 2
+    assert result.output == f"error: {tmp_path / 'out'}: is a folder; name the file to " \
+                            f"write, e.g. {tmp_path / 'out/submission.csv'}\n"

@@ -1,4 +1,4 @@
-"""Recipes and schedules, several replicas, and runs that survive kills and signals."""
+"""Schedules and optimizers, several replicas, and runs that survive kills and signals."""
 
 import json
 import os
@@ -13,63 +13,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline_cil import training_dataset
 from losses_cil import SegmentationLoss, SegmentationMetric, training_metrics
-import weights_cil
 from main_cil import main
 from model_cil import build_unet
-from options_cil import AUG_NEUTRAL, NO_PERTURBATION, resolve_aug
+from options_cil import NO_PERTURBATION
+from pipeline_cil import training_dataset
 from tests.conftest import TINY, checkpoint_state, cli, needs_tensorflow, resolved
-from train_cil import RunCheckpoint, learning_rate, make_optimizer, run_callbacks
+from train_cil import RunCheckpoint, learning_rate, run_callbacks
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_the_nvidia_recipe_resolves_to_its_documented_values():
-    settings = resolved("--recipe", "nvidia-tinyunet")
-    assert (settings["model"], settings["batch_size"], settings["loss"]) == ("tiny-unet", 16,
-                                                                           "adaptive")
-    assert (settings["init"], settings["weight_decay"], settings["batchnorm"]) == ("he_uniform",
-                                                                                 1e-5, False)
-    assert settings["aug"] == resolve_aug(dict(AUG_NEUTRAL, horizontal_flip=True,
-                                               quarter_turns=True))
-    rate = learning_rate(settings["lr_schedule"], settings["lr"], decay=settings["lr_decay"],
-                         decay_steps=settings["lr_decay_steps"])
-    assert [float(rate(step)) for step in (0, 499, 500, 1000)] == pytest.approx(
-        [1e-4, 1e-4, 0.8e-4, 0.64e-4])
-    optimizer = make_optimizer(settings["optimizer"], rate, rho=settings["rho"],
-                               momentum=settings["momentum"], centered=settings["centered"])
-    config = optimizer.get_config()
-    assert isinstance(optimizer, keras.optimizers.RMSprop)
-    assert (config["rho"], config["momentum"], config["centered"]) == (0.9, 0.8, True)
-
-
-def test_explicit_flags_override_a_recipe():
-    settings = resolved("--recipe", "nvidia-tinyunet", "--lr", "0.001", "--loss", "bce",
-                        "--aug", "rotation_range=10")
-    assert (settings["lr"], settings["loss"], settings["optimizer"]) == (0.001, "bce", "rmsprop")
-    assert settings["aug"]["rotation_range"] == 10 and settings["aug"]["quarter_turns"]
-
-
-def test_the_classic_recipe_is_the_original_keras_unet():
-    settings = resolved("--recipe", "classic")
-    assert (settings["filters"], settings["lr"], settings["loss"], settings["batchnorm"]) == (
-        64, 1e-4, "bce", False)
-
-
-def test_the_pretrained_recipe_is_what_the_readme_measured(monkeypatch):
-    monkeypatch.setattr(weights_cil, "installed_file", lambda name: Path("hed.weights.h5"))
-    settings = resolved("--recipe", "vgg16-hed", "--epochs", "30")
-    assert (settings["model"], settings["encoder"], settings["encoder_weights"]) == (
-        "unet", "vgg16", "hed")
-    assert (settings["freeze_encoder"], settings["encoder_lr_scale"], settings["count"],
-            settings["patience"], settings["amp"]) == (5, 10, 4, 0, True)
-    assert settings["epochs"] == 30 and settings.sources["epochs"] == "command line"
-    assert settings.sources["count"] == "recipe vgg16-hed"
-
-
-def test_the_global_batch_of_the_recipe_is_split_over_gpus():
-    assert resolved("--recipe", "nvidia-tinyunet", "--gpus", "2")["batch_size"] == 8
 
 
 def two_cpus():

@@ -1,14 +1,17 @@
-"""The second hostile round, class by class: numbers that are not finite, writes that fail
-(read-only targets, a full disk), damaged run files, the CSV converter in reverse, options that
-cannot apply, and checks whose suggested fixes are themselves accepted. Each case ends in one
-line and a non-zero exit, and changes nothing outside a run's own folders."""
+"""The refusal tables, class by class: bad input of every kind a user can type or point at,
+numbers that are not finite, writes that fail (read-only targets, a full disk), damaged run
+files, grid and config files that cannot run, the CSV converter in reverse, options that cannot
+apply, and checks whose suggested fixes are themselves accepted. Each case ends in one line and
+a non-zero exit naming the file or option, and changes nothing outside a run's own folders."""
 
 import errno
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
+import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -21,24 +24,15 @@ import model_cil
 import train_cil
 from cli_cil import FiniteFloat, out_of_memory_line
 from data_cil import train_sample_size
+from grid_cil import load_grid
 from io_cil import InputError
+from main_cil import main
 from model_cil import build_unet
-from runs_cil import close_run, is_owned, open_run, own_folder
 from options_cil import NO_PERTURBATION, OPTIONS
-from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair, rgb,
-                            save, saved_run)
-
-
-def tree(folder):
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
-
-
-def one_line_error(output, message):
-    """The output ends in exactly one error line, holding `message`, and has no traceback."""
-    lines = output.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), output
-    assert message in lines[-1], output
-    assert sum(line.startswith("error: ") for line in lines) == 1 and "Traceback" not in output
+from runs_cil import open_run, own_folder
+from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair,
+                            one_line_error, rgb, save, saved_run, tree)
+from tests.test_grid import grid_file
 
 
 def grid(*args, env=None):
@@ -258,18 +252,6 @@ def test_a_damaged_run_file_is_named_in_one_line_by_resume(workdir, damage):
     result = cli("--resume", folder)
     assert result.exit_code == 2
     one_line_error(result.output, message)
-
-
-def test_a_resumed_run_makes_its_missing_output_folders_again(tmp_path):
-    """A run copied from a cluster without its outputs: resuming it must not fail at the end."""
-    run, _ = open_run(tmp_path / "logs", "r", tmp_path / "valid", tmp_path / "submit")
-    close_run(run)
-    run.valid_dir.joinpath(".cil-owner").unlink()
-    run.valid_dir.rmdir()
-    resumed, _ = open_run(tmp_path / "logs", "r", tmp_path / "valid", tmp_path / "submit",
-                          resume=True)
-    close_run(resumed)
-    assert resumed.valid_dir.is_dir() and is_owned(resumed.valid_dir)
 
 
 @pytest.mark.parametrize("content", ["[]", '{"pid": "me"}', '{"pid": 1'])
@@ -528,21 +510,6 @@ def test_export_under_another_backend_is_one_line_before_anything(workdir, road_
 # A run makes only the folders it writes
 
 
-@pytest.mark.slow
-def test_a_run_makes_only_the_output_folders_it_writes(workdir, road_dir):
-    """Validation leaves no empty submission folder beside the data; a submission no
-    validation folder."""
-    assert cli("--data-dir", road_dir, *TINY, "--epochs", "1", "--tta", "1",
-               "--run-name", "v").exit_code == 0
-    assert (workdir / "data/valid/output/v").is_dir()
-    assert not (road_dir / "submit_output").exists()
-    model = workdir / "logs/v/best.keras"
-    assert cli("--data-dir", road_dir, "--weights", model, "--submit", "--tta", "1",
-               "--run-name", "s").exit_code == 0
-    assert (road_dir / "submit_output/s/submission.csv").is_file()
-    assert not (workdir / "data/valid/output/s").exists()
-
-
 # ---------------------------------------------------------------------------------------------
 # Memory that runs out: one line with what to lower, exit code 1
 
@@ -579,3 +546,183 @@ def test_memory_is_told_by_the_error_class_or_xla_status_and_nothing_else():
     assert out_of_memory_line(RuntimeError("shapes do not match"), "hint") is None
     assert out_of_memory_line(ValueError("RESOURCE_EXHAUSTED: 8 GiB"), "hint") == (
         "out of memory (ValueError); hint")
+
+
+# ---------------------------------------------------------------------------------------------
+# The table of bad inputs: one line, exit code 2, no run folder, nothing outside logs/
+
+
+def classifier_model(path):
+    inputs = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(pooled)).save(path)
+
+
+def one_channel_model(path):
+    inputs = keras.Input((None, None, 1))
+    keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs)).save(path)
+
+
+def bad_models(folder):
+    (folder / "junk.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    (folder / "fake.keras").write_text("a text file, not a model")
+    with zipfile.ZipFile(folder / "empty.zip.keras", "w") as archive:
+        archive.writestr("notes.txt", "no model here")
+    one_channel_model(folder / "grey.keras")
+    classifier_model(folder / "classifier.keras")
+
+
+BAD_INPUTS = [
+    (["--data-dir", "nowhere"], "nowhere/training/images: folder not found; pass --data-dir"),
+    (["--crop", "30"], "--crop must be a multiple of 4 (the model halves the image 2 times), "
+                       "got 30"),
+    (["--crop", "128"], "--crop 128 is larger than images of 64x64; pass --crop 64 or smaller"),
+    (["--crop", "0", "--depth", "7"], "training images are 64x64 but the model needs sides that "
+                                      "are multiples of 128; use larger images or a smaller "
+                                      "--depth"),
+    (["--loss", "dcie"], "'dcie' is not a loss; choose from bce"),
+    (["--aug", "rotaton=3"], "--aug rotaton=3: expected key=value with key one of"),
+    (["--aug", "zoom_range=1.5"], "zoom_range 1.5: factors must stay above 0"),
+    (["--monitor", "val_dice"], "--monitor val_dice: choose one of val_precision"),
+    (["--gpus", "2"], "GPU(s) visible to " + BACKEND + "; pass --gpus 0 (the CPU)"),
+    (["--class-weights", "1,2,3"], "--class-weights needs 2 numbers"),
+    (["--class-weights", "heavy"], "--class-weights heavy: expected auto or numbers like 1,4"),
+    (["--valid-fraction", "1.5"], "Invalid value for '--valid-fraction'"),
+    (["--palette", "p.json"], "--palette maps colours to classes; pass --classes N"),
+    (["--submit", "--weights", "nothing.keras"], "nothing.keras: weights file not found"),
+    (["--submit", "--weights", "junk.keras"], "junk.keras: not a .keras model file"),
+    (["--submit", "--weights", "fake.keras"], "fake.keras: not a .keras model file"),
+    (["--submit", "--weights", "empty.zip.keras"], "empty.zip.keras: not a model saved by this "
+                                                   "tool"),
+    (["--submit", "--weights", "classifier.keras"], "not images to masks; pass a segmentation"),
+    (["--submit", "--weights", "grey.keras"], "the model expects 1-channel images"),
+    (["--logs-dir", "/sys/cil-logs"], "/sys/cil-logs: cannot create the logs folder"),
+    (["--logs-dir", "p.json/logs"], "p.json/logs: cannot create the logs folder"),
+    (["--resume", "p.json"], "config.json: not found; . is not a run folder of this tool"),
+    (["--weights", "."], ".: a folder, not a model file; pass best.keras, or --from-run ."),
+    (["--submit", "--submit-output-dir", "p.json"], "p.json: not a folder; choose another "
+                                                    "place for the submission output folder"),
+    (["--valid-output-dir", "p.json/out"], "p.json/out: cannot create the validation output "
+                                           "folder"),
+    (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+    (["--seed", str(2**32)], "is not in the range 0<=x<=4294967295"),
+    (["--class-weights", "0,0"], "--class-weights 0,0: all weights 0 leave nothing to learn"),
+    (["--aug", "width_shift_range=-0.1"], "width_shift_range -0.1: a range is 0 or more (draws "
+                                          "fall in [-r, r]); pass 0.1"),
+    (["--aug", "brightness_range=1.1,0.9"], "brightness_range 1.1,0.9: factors run from a low "
+                                            "one to a high one"),
+    (["--weights", "grey.keras", "--from-run", "."], "--weights names the models and "
+                                                     "--from-run takes an earlier run's"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=lambda value: " ".join(value)
+                         if isinstance(value, list) else None)
+def test_bad_input_gives_one_line_and_exit_code_2(workdir, road_dir, args, message):
+    bad_models(workdir)
+    (workdir / "p.json").write_text('{"#ff0000": 1}')
+    before = set(tree(workdir))
+    result = cli(*TINY, "--data-dir", road_dir, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    if not args[0].startswith("--valid"):                 # click's usage errors aside
+        lines = result.output.splitlines()
+        assert lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1
+    created = set(tree(workdir)) - before
+    assert not [path for path in created if not path.startswith(("logs", "data"))]
+    assert not (workdir / "logs").exists() or not any((workdir / "logs").iterdir())
+
+
+def test_bad_files_in_the_data_are_named_in_one_line(workdir, tmp_path):
+    make_pair(tmp_path / "d", "a.png", rgb(32), np.zeros((32, 32), np.uint8))
+    make_pair(tmp_path / "d", "b.png", rgb(32), np.zeros((32, 32), np.uint8))
+    (tmp_path / "d/training/images/b.png").write_bytes(b"")
+    result = cli("--data-dir", tmp_path / "d", *TINY)
+    assert result.exit_code == 2
+    assert "b.png: file is empty (0 bytes); replace it or remove it" in result.output
+    (tmp_path / "d/training/images/b.png").write_bytes(b"\x89PNG\r\n\x1a\n but not really")
+    result = cli("--data-dir", tmp_path / "d", *TINY)
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "b.png: cannot read the image" in result.output and "pip" not in result.output
+    save(tmp_path / "d/training/images/b.png", rgb(32))
+    save(tmp_path / "d/training/images/c.png", rgb(32))
+    result = cli("--data-dir", tmp_path / "d", *TINY)
+    assert result.exit_code == 2 and "c.png has no mask of the same name" in result.output
+
+
+def test_submit_without_test_images_fails_before_training(workdir, tmp_path):
+    for name in ("a.png", "b.png"):
+        make_pair(tmp_path / "d", name, rgb(32), np.zeros((32, 32), np.uint8))
+    result = cli("--data-dir", tmp_path / "d", *TINY, "--submit")
+    assert result.exit_code == 2 and "no test images" in result.output
+    assert "Epoch" not in result.output
+
+
+def test_debug_shows_the_traceback(workdir):
+    result = CliRunner().invoke(main, ["--data-dir", "nowhere", "--debug"])
+    assert result.exit_code != 0 and result.exc_info[0].__name__ == "InputError"
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid files that cannot run
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"filtres": [8]}, "'filtres' is not an option; did you mean filters?"),
+    ({"run-name": ["x"]}, "'run-name' is not an option a grid may set"),
+    ({"logs_dir": "elsewhere"}, "'logs_dir' is not an option a grid may set"),
+    ({}, "sets no option; a grid needs at least one"),
+    ({"lr": None}, "lr: null is not a value; leave the key out for the default"),
+    ({"lr": ["x"]}, "lr: 'x' is not a valid float"),
+    ({"lr": ["0.001; touch /tmp/cil-injected #"]}, "is not a valid float"),
+    ({"gpus": ["one"]}, "gpus: 'one' is not a valid integer"),
+    ({"epochs": [2.5]}, "epochs: 2.5 is not a valid int"),
+    ({"batchnorm": ["yes"]}, 'batchnorm: "yes" is not true or false'),
+    ({"loss": []}, "'loss' has an empty list of values"),
+    ({"aug": ["rotation=3"]}, "--aug rotation=3: expected key=value with key one of"),
+    ({"lr": [0.1], "resources": {"walltime": "4:00:00"}}, "walltime '4:00:00': use H:MM"),
+    ({"lr": [0.1], "resources": {"cpus": 4}}, "resources cpus unknown"),
+    ({"lr": [0.1], "resources": {"partition": "gpu; rm -rf /"}}, "resources partition"),
+])
+def test_bad_grid_values_are_one_clear_error(tmp_path, content, message):
+    with pytest.raises(InputError) as error:
+        load_grid(grid_file(tmp_path, content))
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("text", ['{"lr": 0.1, "lr": 0.2}',
+                                  '{"lr": [0.1], "resources": {"cores": 1, "cores": 2}}'])
+def test_a_key_given_twice_is_refused_not_silently_the_last(tmp_path, text):
+    path = tmp_path / "twice.json"
+    path.write_text(text)
+    with pytest.raises(InputError) as error:
+        load_grid(path)
+    assert "twice.json" in str(error.value) and "given twice" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"epochz": 3}, "'epochz' is not an option; did you mean epochs?"),
+    ({"batch_sise": 3}, "did you mean batch-size?"),
+    ({"resume": "logs/x"}, "'resume' cannot come from a config file"),
+    ({"epochs": "many"}, "epochs: 'many' is not a valid integer"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_config_file_errors_name_the_key_and_the_closest_option(workdir, content, message):
+    config = workdir / "c.json"
+    config.write_text(json.dumps(content))
+    result = cli("--config", config)
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and not (workdir / "logs").exists()
+
+
+def test_a_config_key_given_twice_is_refused(workdir):
+    config = workdir / "c.json"
+    config.write_text('{"epochs": 3, "epochs": 4}')
+    result = cli("--config", config)
+    assert result.exit_code == 2 and "c.json" in result.output and "'epochs'" in result.output
+    assert not (workdir / "logs").exists()
