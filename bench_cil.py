@@ -1,7 +1,7 @@
 """Speed and memory of the tool against the machine's limit and against the legacy input
 pipeline, as one Markdown table (printed) and JSON (written).
 
-    python bench_cil.py                    # the README's numbers, about 5 minutes on 2 cores
+    python bench_cil.py                    # docs/speed.md's numbers, about 5 minutes on 2 cores
     python bench_cil.py --quick            # a smoke run of every part, tiny sizes
     python bench_cil.py --policy mixed_bfloat16   # the models in bfloat16 (CPUs with AMX)
 
@@ -19,7 +19,7 @@ pipeline, as one Markdown table (printed) and JSON (written).
    in 256-pixel tiles (and whole, where it fits), each in its own process.
 Warm-up runs are excluded; each figure is the median of several repetitions.
 
-    python bench_cil.py --part encoders --part tiles   # the README's encoder and tile tables
+    python bench_cil.py --part encoders --part tiles   # docs/speed.md's encoder and tile tables
 """
 
 import itertools

@@ -48,7 +48,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
     moving variance takes the batch variance with the kernel's n/(n-1) correction.
 
     Keras 3 normalises with half a dozen separate elementwise ops; the one fused kernel trains
-    the default U-Net about a third faster on 2 CPU cores (bench_cil.py, README "Speed"). Under
+    the default U-Net about a third faster on 2 CPU cores (bench_cil.py, docs/speed.md). Under
     another backend it is Keras' own BatchNormalization, so its files load everywhere; saved
     files name only that class (standard_layers). Channels last only.
     """

@@ -41,10 +41,9 @@ VALID_FRACTION = 0.1
 SEED = 0
 MAX_SEED = 2**32 - 1         # NumPy's and Keras' global seeds are 32-bit
 LOSS = "bce_dice"
-# Chosen by measurement on 2 CPU cores (README, "Choices, measured"): with the same 27-minute
-# budget on the road data, 8/16/32 base filters ran 11.5/26.7/92.2 s per epoch, fitted
-# 139/60/17 epochs and reached validation patch F1 0.890/0.902/0.857. 8 is nearly as good
-# and 2.3x faster per epoch; 32 is too slow to converge on a CPU.
+# Five folds (docs/results.md, "Choices"): 8 base filters lost to 16 on every fold, by 0.041
+# patch F1; 32 took 92 s an epoch against 16's 27 on 2 CPU cores (2026-11-22) and fitted too
+# few epochs to converge in the same time.
 FILTERS = 16
 DEPTH = 4                    # poolings; 400x400 road images become 25x25 at the bottom
 DROPOUT = 0.0
@@ -57,9 +56,8 @@ MOMENTUM = 0.0
 LR_SCHEDULE = "constant"
 LR_DECAY = 0.8               # NVIDIA's step schedule: x0.8 ...
 LR_DECAY_STEPS = 500         # ... every 500 optimizer steps
-# Flips and quarter turns averaged at prediction. On the 8 validation road images (README):
-# TTA 1/2/4/8 gave patch F1 0.902/0.904/0.906/0.899 and pixel F1 0.884/0.887/0.890/0.888;
-# 4 was best on both, a gain within the noise of 8 images, for 4x the prediction time.
+# Flips and quarter turns averaged at prediction. Five folds (docs/results.md, "Choices"): 4
+# beat one prediction on 4 of 5 folds by 0.004 patch F1, within its spread, for 4x the time.
 TTA = 4
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +126,7 @@ RECIPES = {
     # zhixuhao/unet, the Keras U-Net most course projects start from.
     "classic": dict(model="unet", filters=64, depth=4, optimizer="adam", lr=1e-4, loss="bce",
                     batchnorm=False, dropout=0.5),
-    # README "Pretrained encoders, measured": exactly what the five folds measured. HED's VGG16
+    # docs/results.md, "Pretrained encoders": exactly what the five folds measured. HED's VGG16
     # weights (requirements-pretrained.txt), the decoder alone for 5 epochs, then the encoder too
     # at lr/10; bfloat16 where the chip has it, to afford the 4 crops per image.
     "vgg16-hed": dict(encoder="vgg16", encoder_weights="hed", freeze_encoder=5, count=4,

@@ -5,7 +5,7 @@
 #   bash cluster/gpu_jax.sh bench   # benchmark model rows: default U-Net, TinyUNet, classic;
 #                                   # float32 and mixed bfloat16; TinyUNet also at NVIDIA's
 #                                   # published point (batch 16, 512x512, AMP)
-#   bash cluster/gpu_jax.sh cv      # the README's five-fold protocol of the default, timed
+#   bash cluster/gpu_jax.sh cv      # docs/results.md's five-fold protocol of the default, timed
 #
 # Prepared here, once, from the repository root (nothing of it is committed):
 #   printf '/.whl/\n/.gpu-data/\n' >> .git/info/exclude
