@@ -70,6 +70,11 @@ def load(pairs, settings):
     return images, masks
 
 
+def extra_count(settings):
+    """How often each --extra-data image is shown per epoch: --extra-count, else --count."""
+    return settings.extra_count or settings.count
+
+
 def _pixels_digest(image):
     return hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
 
@@ -88,7 +93,7 @@ def extra_training_set(settings, official):
             raise InputError(f"{pair.image}: the same pixels as {twin.image} of --data-dir, which "
                              "may be validated on; remove it from the --extra-data folder")
     echo(f"extra data: {len(pairs)} pairs from {', '.join(map(str, settings.extra_data))}, "
-         f"shown {settings.extra_count or settings.count}x per epoch, for training only")
+         f"shown {extra_count(settings)}x per epoch, for training only")
     return images, masks
 
 
@@ -206,8 +211,8 @@ def train(settings, run, place, train_images, train_masks, class_weights, valid=
     from train_cil import (PANEL_IMAGES, ImagePanel, RunCheckpoint, fit, progress_kind,
                            run_callbacks, stop_on_signals)
     global_batch = settings.batch_size * place.replicas
-    extra_count = settings.extra_count or settings.count
-    shown = len(train_images) * settings.count + len(extra[0]) * extra_count
+    extra_shown = extra_count(settings)
+    shown = len(train_images) * settings.count + len(extra[0]) * extra_shown
     steps = math.ceil(shown / global_batch)
     state = read_state(run.folder)
     with place.scope():
@@ -219,7 +224,7 @@ def train(settings, run, place, train_images, train_masks, class_weights, valid=
     crop = settings.crop or None
     sample = f"{crop}x{crop} crops" if crop else "whole images"
     encoder = f" on {settings.encoder}" if settings.encoder else ""
-    extras = f" + {len(extra[0])} extra ({extra_count}x)" if extra[0] else ""
+    extras = f" + {len(extra[0])} extra ({extra_shown}x)" if extra[0] else ""
     echo(f"model {settings.model}{encoder}: {model.count_params():,} parameters; training on "
          f"{len(train_images)} images ({sample}, {settings.count}x per epoch){extras}, batch "
          f"{global_batch}, {steps} steps per epoch, up to {settings.epochs} epochs")
@@ -231,7 +236,7 @@ def train(settings, run, place, train_images, train_masks, class_weights, valid=
         return training_dataset([*train_images, *extra[0]], [*train_masks, *extra[1]],
                                 batch_size=global_batch, aug=settings.aug, seed=settings.seed,
                                 count=settings.count, crop=crop, start_step=step,
-                                extra=len(extra[0]), extra_count=extra_count)
+                                extra=len(extra[0]), extra_count=extra_shown)
 
     valid_data, panel = (None, None), None
     if valid:
