@@ -89,7 +89,11 @@ def extra_training_set(settings, official):
     images, masks = load(pairs, settings)
     known = {_pixels_digest(image): pair for pair, image in zip(*official)}
     for pair, image in zip(pairs, images):
-        if twin := known.get(_pixels_digest(image)):
+        twin = known.get(_pixels_digest(image))
+        if twin and pair.image.resolve() == twin.image.resolve():
+            raise InputError(f"{pair.image}: an image of --data-dir itself, which may be validated "
+                             "on; pass --extra-data a folder of other pairs")
+        if twin:
             raise InputError(f"{pair.image}: the same pixels as {twin.image} of --data-dir, which "
                              "may be validated on; remove it from the --extra-data folder")
     echo(f"extra data: {len(pairs)} pairs from {', '.join(map(str, settings.extra_data))}, "

@@ -170,6 +170,15 @@ def test_an_extra_image_with_the_pixels_of_a_data_image_is_refused(workdir, road
     assert not Path("logs").exists()
 
 
+def test_the_data_folder_itself_as_extra_data_is_refused_without_asking_to_delete_it(
+        workdir, road_dir):
+    result = cli("--data-dir", road_dir, *TINY, "--extra-data", road_dir)
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]
+    assert "--data-dir itself" in line and "remove" not in line
+    assert not Path("logs").exists()
+
+
 @pytest.mark.parametrize("options, named", [
     (["--extra-data", "nowhere"], "nowhere/training/images: folder not found; pass --extra-data"),
     (["--extra-count", "1"], "--extra-count 1"),
