@@ -518,9 +518,9 @@ def submit_single(scheduler, words, dry_run):
     """Submit one main_cil.py run (or, with --resume, an earlier one again); its run folder
     holds the job's files. A dry run, or a submission the scheduler refuses, leaves nothing
     of a new run behind."""
-    scheduler_available(scheduler, dry_run)
     folder, job, gpus, resuming = single_run(words, scheduler)
     resources = resources_from_environment()
+    scheduler_available(scheduler, dry_run)     # after the input: the same answer on every machine
     name = folder.name
     submitter = submit_lsf if scheduler == "lsf" else submit_slurm_single
     if dry_run:
