@@ -61,6 +61,16 @@ def cli(*args, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
 
 
+def refused_leaving(folder, *args, named, env=None):
+    """main_cil.py with `args` exits 2 with one error line naming `named`, and nothing under
+    `folder` was written, moved or deleted."""
+    before = tree(folder)
+    result = cli(*args, env=env)
+    assert result.exit_code == 2, result.output
+    one_line_error(result.output, named)
+    assert tree(folder) == before
+
+
 def resolved(*args):
     """The Settings a command line resolves to (with the CIL_ variables of the environment)."""
     return resolve_settings(main.make_context("main_cil.py", [str(a) for a in args]))[0]

@@ -31,7 +31,7 @@ from model_cil import build_unet
 from options_cil import NO_PERTURBATION, OPTIONS
 from runs_cil import open_run, own_folder
 from tests.conftest import (BACKEND, TF_QUIET, TINY, checkpoint_state, cli, make_pair,
-                            one_line_error, rgb, save, saved_run, tree)
+                            one_line_error, refused_leaving, rgb, save, saved_run, tree)
 from tests.test_grid import grid_file
 
 
@@ -344,11 +344,7 @@ def test_the_reverse_converter_reads_what_spreadsheets_write(tmp_path):
 ])
 def test_options_a_resumed_run_cannot_take_are_refused(workdir, args, env, message):
     folder = saved_run(workdir / "logs/r")
-    before = tree(workdir)
-    result = cli("--resume", folder, *args, env=env)
-    assert result.exit_code == 2
-    one_line_error(result.output, message)
-    assert tree(workdir) == before
+    refused_leaving(workdir, "--resume", folder, *args, named=message, env=env)
 
 
 def test_resume_from_the_environment_refuses_a_run_name_too(workdir):

@@ -13,7 +13,7 @@ import pytest
 
 from io_cil import InputError, write_atomically
 from runs_cil import OWNER_FILE, close_run, is_owned, open_run, own_folder
-from tests.conftest import REPO, TINY, cli, rgb, save, tree
+from tests.conftest import REPO, TINY, cli, refused_leaving, rgb, save, tree
 
 # ---------------------------------------------------------------------------------------------
 # Run names and --force
@@ -27,11 +27,8 @@ BAD_RUN_NAMES = ["..", ".", "../escape", "/tmp/abs", "a/b", "", "-x", ".hidden",
 def test_a_run_name_is_one_safe_folder_name_checked_before_anything(workdir, road_dir, name):
     (workdir / "logs/kept").mkdir(parents=True)
     (workdir / "logs/kept/config.json").write_text("{}")
-    before = tree(workdir)
-    result = cli("--data-dir", road_dir, *TINY, "--run-name", name, "--force")
-    assert result.exit_code == 2, result.output
-    assert "a run name is one folder name of letters, digits" in result.output
-    assert tree(workdir) == before
+    refused_leaving(workdir, "--data-dir", road_dir, *TINY, "--run-name", name, "--force",
+                    named="a run name is one folder name of letters, digits")
 
 
 def test_force_moves_the_earlier_run_and_its_outputs_aside(tmp_path):
@@ -62,11 +59,8 @@ def test_a_folder_the_tool_did_not_make_is_never_written_into_or_moved(tmp_path,
                                                                        road_dir, args):
     project = checkout(tmp_path / "project")
     monkeypatch.chdir(project)
-    before = tree(tmp_path)
-    result = cli("--data-dir", road_dir, *TINY, *args)
-    assert result.exit_code == 2, result.output
-    assert "exists and was not made by this tool (no .cil-owner)" in result.output
-    assert tree(tmp_path) == before
+    refused_leaving(tmp_path, "--data-dir", road_dir, *TINY, *args,
+                    named="exists and was not made by this tool (no .cil-owner)")
 
 
 def test_force_never_moves_a_run_while_a_run_inside_it_is_held(tmp_path):
