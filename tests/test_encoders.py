@@ -241,8 +241,10 @@ VGG16_SHAPES = {f"block{b}_conv{i + 1}": (width_in if i == 0 else width, width)
 
 
 def hed_value(layer):
-    """The constant a fake HED file holds for a VGG16 layer: block * 10 + convolution."""
-    return float(layer[5]) * 10 + float(layer[-1])
+    """The constant a fake HED file holds for a VGG16 layer: (block * 10 + convolution) / 2**16,
+    exact in float32 and small enough that 13 layers of such constants keep activations finite
+    (as whole numbers they overflowed to a NaN loss on some CPUs)."""
+    return (float(layer[5]) * 10 + float(layer[-1])) / 2**16
 
 
 def write_hed_package(root, layers=VGG16_SHAPES, skip=None):
