@@ -316,7 +316,6 @@ def train_sample_size(images, crop, aug, multiple=1):
     return height, width
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Synthetic road images
 

@@ -104,12 +104,6 @@ def job_id(combination):
     return f"{safe[:JOB_ID_LENGTH - 11]}-{digest}"
 
 
-
-
-
-
-
-
 def combinations(varied):
     """Every combination of the varied values, in the grid file's order."""
     for values in itertools.product(*varied.values()):
@@ -143,54 +137,7 @@ def expand(name, varied, fixed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Job state
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Job commands: built as argument lists; for LSF, which runs the command through a shell, one
-# word quoted once.
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
 # Running a grid
-
-
 
 
 def run_grid(grid_file, scheduler, *, dry_run=False, parallel=1, jobs_dir=JOBS_DIR):
@@ -258,16 +205,6 @@ def _run_locally(todo, dry_run, parallel):
                        f"{'finished' if code == 0 else f'failed (exit {code})'}")
             failed += code != 0
     return failed
-
-
-# ---------------------------------------------------------------------------------------------
-# Inside a job
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,18 +370,6 @@ def run_command(grid_file, scheduler, dry_run, parallel, jobs_dir):
 def summary_command(grid_dir, metric):
     """Write post_output.md and .tsv for GRID_DIR and print the table."""
     _report(lambda: click.echo(write_summary(grid_dir, metric)))
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 @main.command("submit", context_settings=dict(ignore_unknown_options=True))

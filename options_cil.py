@@ -511,7 +511,6 @@ def parse_class_weights(value):
     return weights
 
 
-
 def closest_option(name):
     names = [option.name.replace("_", "-") for option in OPTIONS]
     match = difflib.get_close_matches(name.replace("_", "-"), names, n=1)

@@ -109,29 +109,11 @@ def ensemble_probabilities(models, image, *, tta=1, tile=0, overlap=0):
     return total / len(models)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def predicted(models, images, settings):
     """Full-size probabilities of each image, averaged over the models, as the settings say
     (TTA, tiles)."""
     return [ensemble_probabilities(models, image, tta=settings.tta, tile=settings.tile,
                                    overlap=settings.overlap) for image in images]
-
-
 
 
 def csv_foreground(labels, classes):

@@ -29,14 +29,6 @@ def evaluate(masks, probabilities, classes, threshold=PIXEL_THRESHOLD,
     return {metric.name: round(float(metric.result()), 4) for metric in metrics}
 
 
-
-
-
-
-
-
-
-
 def format_table(table, classes):
     """Two columns of the headline metrics, then per-class rows for several classes."""
     if classes == 1:

@@ -266,7 +266,6 @@ class Run:
         return {"valid": self.valid_dir, "submit": self.submit_dir}[kind]
 
 
-
 def is_owned(folder):
     """Whether the tool made `folder`: its mark, or for run folders made before the mark
     (2026-11-23 to 2026-12-02, config.json of format 1), a config.json or job.json that is this

@@ -503,10 +503,6 @@ def test_export_under_another_backend_is_one_line_before_anything(workdir, road_
 
 
 # ---------------------------------------------------------------------------------------------
-# A run makes only the folders it writes
-
-
-# ---------------------------------------------------------------------------------------------
 # Memory that runs out: one line with what to lower, exit code 1
 
 
